@@ -1,0 +1,263 @@
+"""MVTec AD loading: decode once, resize once, keep uint8 tensors in memory.
+
+Layout expected under --data-root (default data/mvtec_ad):
+
+    <root>/<category>/train/good/*.png
+    <root>/<category>/test/good/*.png
+    <root>/<category>/test/<defect>/*.png
+    <root>/<category>/ground_truth/<defect>/<name>_mask.png
+
+Channel convention: every image is loaded as 3-channel RGB. Grayscale categories (screw, grid,
+zipper) have their single channel repeated three times, so every model, metric and picture sees
+the same (N, 3, H, W) shape and the Inception/LPIPS networks get the input they expect.
+
+Splits:
+    train = train/good minus a seeded validation fraction (never seen in training)
+    val   = the held-out train/good images (used to calibrate detection thresholds)
+    test  = all of test/, with label 0 (good) / 1 (defect), defect type, and a binary mask
+
+Run as a script: `python data.py --synthetic DIR` writes a small synthetic category (a test
+fixture, not a benchmark), `python data.py --download CATEGORY` fetches MVTec AD.
+"""
+import argparse
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+DEFAULT_ROOT = "data/mvtec_ad"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+LAYOUT_HELP = (
+    "expected <root>/<category>/train/good/*.png, <root>/<category>/test/<defect>/*.png and "
+    "<root>/<category>/ground_truth/<defect>/<name>_mask.png; get MVTec AD with --download or "
+    "from https://www.mvtec.com/company/research/datasets/mvtec-ad"
+)
+
+
+class DatasetError(Exception):
+    """Bad or missing input data. Scripts print it as one line and exit."""
+
+
+@dataclass
+class Split:
+    """One split held in memory. images: uint8 (N, 3, S, S); masks: uint8 {0, 1} (N, 1, S, S)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor  # int64 (N,): 0 good, 1 defect
+    masks: torch.Tensor
+    defect_types: list
+    paths: list
+
+    def __len__(self):
+        return len(self.paths)
+
+
+# ----------------------------------------------------------------------------- finding files
+
+def category_dir(root, category):
+    """Check that <root>/<category> exists and looks like MVTec AD; return its path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"data root '{root}' does not exist; {LAYOUT_HELP}")
+    if (root / "train" / "good").is_dir():
+        raise DatasetError(
+            f"'{root}' is itself a category folder: pass its parent as --data-root "
+            f"and '{root.name}' as the category")
+    cat = root / category
+    if not cat.is_dir():
+        found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+        raise DatasetError(
+            f"category '{category}' not found in '{root}' (categories found: "
+            f"{', '.join(found) or 'none'}); {LAYOUT_HELP}")
+    return cat
+
+
+def list_categories(root):
+    root = Path(root)
+    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir()) if root.is_dir() else []
+
+
+def image_files(folder):
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def train_val_files(cat, val_fraction, seed):
+    """Split train/good by a seeded permutation: the same seed always holds out the same images."""
+    good = cat / "train" / "good"
+    files = image_files(good) if good.is_dir() else []
+    if not files:
+        raise DatasetError(f"no images in '{good}'; {LAYOUT_HELP}")
+    n_val = int(round(len(files) * val_fraction))
+    if val_fraction > 0 and len(files) >= 2:
+        n_val = min(max(n_val, 1), len(files) - 1)
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = sorted(files[i] for i in order[:n_val])
+    train = sorted(files[i] for i in order[n_val:])
+    return train, val
+
+
+def test_files(cat):
+    """(image path, defect type, mask path or None) for every test image, good ones first."""
+    test = cat / "test"
+    if not test.is_dir():
+        raise DatasetError(f"no test folder '{test}'; {LAYOUT_HELP}")
+    entries = []
+    for defect_dir in sorted(test.iterdir(), key=lambda p: (p.name != "good", p.name)):
+        if not defect_dir.is_dir():
+            continue
+        for path in image_files(defect_dir):
+            mask = None
+            if defect_dir.name != "good":
+                mask = cat / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
+                if not mask.is_file():
+                    raise DatasetError(f"defect image '{path}' has no mask (looked for '{mask}')")
+            entries.append((path, defect_dir.name, mask))
+    if not entries:
+        raise DatasetError(f"no images under '{test}'; {LAYOUT_HELP}")
+    return entries
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def read_image(path, size):
+    """Decode to RGB (grayscale repeated to 3 channels), resize to size x size: uint8 (3, S, S)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DatasetError(f"cannot read image '{path}': {e}") from None
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
+def read_mask(path, size):
+    """Nearest-neighbour resize keeps the mask binary: uint8 {0, 1} (1, S, S)."""
+    if path is None:
+        return torch.zeros(1, size, size, dtype=torch.uint8)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L").resize((size, size), Image.NEAREST)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DatasetError(f"cannot read mask '{path}': {e}") from None
+    return torch.from_numpy((np.asarray(im) > 127).astype(np.uint8))[None]
+
+
+def decode_all(fn, items, desc):
+    # PIL releases the GIL while decoding, so threads give a real speed-up on large PNGs.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, leave=False,
+                         disable=len(items) < 50))
+
+
+def load_split(root, category, split, size, val_fraction=0.1, seed=0):
+    """Load one split ('train', 'val' or 'test') of a category into memory."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}")
+    cat = category_dir(root, category)
+    if split == "test":
+        entries = test_files(cat)
+    else:
+        train, val = train_val_files(cat, val_fraction, seed)
+        entries = [(p, "good", None) for p in (train if split == "train" else val)]
+    if not entries:
+        raise DatasetError(f"split '{split}' of '{cat}' is empty (val_fraction={val_fraction})")
+    images = decode_all(lambda e: read_image(e[0], size), entries, f"decode {category}/{split}")
+    masks = decode_all(lambda e: read_mask(e[2], size), entries, f"masks {category}/{split}")
+    return Split(
+        images=torch.stack(images),
+        labels=torch.tensor([int(d != "good") for _, d, _ in entries]),
+        masks=torch.stack(masks),
+        defect_types=[d for _, d, _ in entries],
+        paths=[str(p) for p, _, _ in entries],
+    )
+
+
+def to_float(images_uint8, device=None):
+    """uint8 (N, 3, S, S) -> float32 in [0, 1] on device; done per batch, not per dataset."""
+    return images_uint8.to(device, non_blocking=True).float().div_(255)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+def synthetic_image(rng, size, grayscale):
+    """A bright ring ('bottle seen from above') on a noisy background, slightly jittered."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    cy, cx = 0.5 + rng.normal(0, 0.02, 2)
+    r = np.hypot(yy - cy, xx - cx)
+    ring = np.exp(-((r - 0.3) / 0.06) ** 2)
+    base = 0.25 + 0.5 * ring + rng.normal(0, 0.02, (size, size))
+    tint = np.array([1.0, 0.9, 0.7]) if not grayscale else np.ones(3)
+    return np.clip(base[..., None] * tint, 0, 1)
+
+
+def add_synthetic_defect(rng, img, size):
+    """Paint a dark blob or a bright scratch; return the image and its binary mask."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    mask = np.zeros((size, size), bool)
+    if rng.random() < 0.5:
+        cy, cx, rad = rng.integers(size // 4, 3 * size // 4, 2).tolist() + [max(2, size // 10)]
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= rad ** 2
+        img[mask] = 0.05
+    else:
+        y0 = int(rng.integers(size // 4, 3 * size // 4))
+        mask[y0:y0 + max(1, size // 32), size // 5: 4 * size // 5] = True
+        img[mask] = 1.0
+    return img, mask
+
+
+def make_synthetic_category(root, category="synthetic", size=64, n_train=24, n_good_test=4,
+                            n_defect_test=4, grayscale=False, seed=0):
+    """Write a tiny category in the MVTec layout (a test fixture: never report quality on it)."""
+    rng = np.random.default_rng(seed)
+    cat = Path(root) / category
+    mode = "L" if grayscale else "RGB"
+
+    def save(arr, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (arr * 255).round().astype(np.uint8)
+        Image.fromarray(pixels[..., 0] if grayscale else pixels, mode).save(path)
+
+    for i in range(n_train):
+        save(synthetic_image(rng, size, grayscale), cat / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good_test):
+        save(synthetic_image(rng, size, grayscale), cat / "test" / "good" / f"{i:03d}.png")
+    for defect in ("blob_or_scratch",):
+        for i in range(n_defect_test):
+            img, mask = add_synthetic_defect(rng, synthetic_image(rng, size, grayscale), size)
+            save(img, cat / "test" / defect / f"{i:03d}.png")
+            mask_path = cat / "ground_truth" / defect / f"{i:03d}_mask.png"
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path)
+    return cat
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--synthetic", metavar="DIR", help="write a small synthetic category into DIR")
+    p.add_argument("--category", default="synthetic", help="name of the synthetic category")
+    p.add_argument("--size", type=int, default=128, help="side of the synthetic images")
+    p.add_argument("--grayscale", action="store_true", help="write single-channel images")
+    args = p.parse_args()
+    if args.synthetic:
+        cat = make_synthetic_category(args.synthetic, args.category, size=args.size,
+                                      n_train=60, n_good_test=10, n_defect_test=10,
+                                      grayscale=args.grayscale)
+        print(f"wrote synthetic category to {cat} (a test fixture: do not report quality on it)")
+    else:
+        p.print_help()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DatasetError as e:
+        sys.exit(f"error: {e}")

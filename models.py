@@ -1,0 +1,553 @@
+"""Five autoencoders of increasing stochasticity behind one small interface. Needs only torch.
+
+Every model maps images x in [0, 1], shape (B, 3, H, W), and offers:
+
+    loss(x, target=None, stage="autoencoder") -> (total, terms, recon)
+        total: scalar to minimise; terms: dict of detached scalars for logging;
+        recon: the mean reconstruction of `target` (= x unless training to restore x);
+               None in a stage that reconstructs nothing (the VQ-VAE prior).
+    reconstruct(x)  -> recon              deterministic reconstruction (eval mode)
+    sample(n)       -> images             draws from the model's prior
+    anomaly_maps(x) -> (recon, {name: (B, 1, H, W)})   per-pixel maps, "l2" always present
+    stages, stage_parameters(stage)       training stages (VQ-VAE fits its code prior second)
+
+MODELS maps --model names to classes; build_model / load_model rebuild them from a checkpoint.
+Per-pixel terms are means over pixels, so `total` is an ELBO (or loss) per pixel and the
+KL (nats per image) is divided by the pixel count P = 3 H W.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ----------------------------------------------------------------------------- probability
+
+def gaussian_log_prob(x, mean, logvar):
+    # log N(x; m, s^2) = -1/2 [log 2pi + log s^2 + (x - m)^2 / s^2], elementwise
+    return -0.5 * (LOG_2PI + logvar + (x - mean).pow(2) * torch.exp(-logvar))
+
+
+def diagonal_gaussian_kl(mu, logvar):
+    # KL(N(mu, s^2) || N(0, I)) = 1/2 sum_d (mu^2 + s^2 - log s^2 - 1), one value per sample
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).flatten(1).sum(1)
+
+
+def mixture_log_prob(z, means, logvars, logits):
+    # log p(z) = log sum_k pi_k N(z; m_k, s_k^2); z (B, D), means/logvars (K, D), logits (K,)
+    per_component = gaussian_log_prob(z[:, None], means, logvars).sum(-1)  # (B, K)
+    return torch.logsumexp(per_component + F.log_softmax(logits, 0), dim=1)
+
+
+def mixture_kl_mc(z, mu, logvar, means, logvars, logits):
+    # KL(q || p) ~ log q(z|x) - log p(z), single sample z ~ q(z|x) (no closed form for a mixture)
+    return gaussian_log_prob(z, mu, logvar).sum(1) - mixture_log_prob(z, means, logvars, logits)
+
+
+def reparameterize(mu, logvar):
+    # z = mu + s * eps, eps ~ N(0, I): differentiable in mu and s
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+
+def noise(shape, generator, device):
+    """Standard normal noise drawn on the CPU so a seed gives the same samples on any device."""
+    return torch.randn(shape, generator=generator).to(device)
+
+
+# ----------------------------------------------------------------------------- shared blocks
+
+def down_block(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.LeakyReLU(0.2, inplace=True))
+
+
+def up_block(c_in, c_out, dropout=0.0):
+    layers = [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+              nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, *([nn.Dropout2d(dropout)] if dropout else []))
+
+
+def stage_widths(width, n_down):
+    return [min(width * 2 ** i, 256) for i in range(n_down)]
+
+
+class ConvEncoder(nn.Sequential):
+    """n_down stride-2 convolutions: (B, 3, S, S) -> (B, C, 8, 8) for S = 8 * 2^n_down."""
+
+    def __init__(self, in_channels, width, n_down):
+        widths = stage_widths(width, n_down)
+        super().__init__(*[down_block(c_in, c_out)
+                           for c_in, c_out in zip([in_channels] + widths[:-1], widths)])
+        self.out_channels = widths[-1]
+
+
+class ConvDecoder(nn.Sequential):
+    """Mirror of ConvEncoder: (B, C, 8, 8) -> (B, out_channels, S, S), no output activation."""
+
+    def __init__(self, out_channels, width, n_down, dropout=0.0):
+        widths = stage_widths(width, n_down)[::-1]
+        blocks = [up_block(c_in, c_out, dropout) for c_in, c_out in zip(widths[:-1], widths[1:])]
+        super().__init__(*blocks, nn.ConvTranspose2d(widths[-1], out_channels, 4, 2, 1))
+
+
+# ----------------------------------------------------------------------------- interface
+
+class AutoEncoder(nn.Module):
+    """Base class: the interface every script uses. Subclasses set `config` for checkpoints."""
+
+    stages = ("autoencoder",)
+
+    def __init__(self, **config):
+        super().__init__()
+        self.config = config  # constructor arguments, saved in checkpoints to rebuild the model
+
+    def loss(self, x, target=None, stage="autoencoder"):
+        raise NotImplementedError
+
+    def forward(self, x, target=None, stage="autoencoder"):
+        # forward is the loss, so DistributedDataParallel's gradient hooks wrap the real work
+        return self.loss(x, target, stage)
+
+    def reconstruct(self, x):
+        raise NotImplementedError
+
+    def sample(self, n, generator=None):
+        raise NotImplementedError
+
+    def stage_parameters(self, stage):
+        return list(self.parameters())
+
+    def anomaly_maps(self, x):
+        recon = self.reconstruct(x)
+        return recon, {"l2": (x - recon).pow(2).mean(1, keepdim=True)}
+
+
+class LatentVectorAE(AutoEncoder):
+    """Conv encoder -> flat latent vector(s) -> conv decoder; the four continuous models share it.
+
+    The encoder head outputs `head_multiple * latent_dim` numbers (1: a code, 2: mean and
+    log-variance); the decoder outputs `out_multiple * 3` channels (2: mean and log-variance).
+    """
+
+    head_multiple = 1
+    out_multiple = 1
+
+    def __init__(self, image_size=128, latent_dim=128, width=32, dropout=0.0, **extra):
+        super().__init__(image_size=image_size, latent_dim=latent_dim, width=width,
+                         dropout=dropout, **extra)
+        n_down = int(math.log2(image_size // 8))
+        if 8 * 2 ** n_down != image_size:
+            raise ValueError(f"image size must be 8 * 2^k (e.g. 64, 128, 256), got {image_size}")
+        self.image_size, self.latent_dim = image_size, latent_dim
+        self.encoder = ConvEncoder(3, width, n_down)
+        feat = self.encoder.out_channels
+        self.to_latent = nn.Sequential(nn.Flatten(), nn.Linear(feat * 64, self.head_multiple * latent_dim))
+        self.from_latent = nn.Sequential(nn.Linear(latent_dim, feat * 64), nn.Unflatten(1, (feat, 8, 8)),
+                                         nn.ReLU(inplace=True))
+        self.decoder = ConvDecoder(self.out_multiple * 3, width, n_down, dropout)
+
+    def decode(self, z):
+        return self.decoder(self.from_latent(z))
+
+
+class DAE(LatentVectorAE):
+    """Deterministic autoencoder.
+
+    Objective:  L = mean_pixels (x - D(E(x)))^2
+    Sampling:   z ~ N(m, diag v), moments of the training codes tracked as running averages
+                (a plain AE has no prior; ex-post density estimation, Ghosh et al. 2020).
+    """
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.register_buffer("code_mean", torch.zeros(self.latent_dim))
+        self.register_buffer("code_var", torch.ones(self.latent_dim))
+
+    def loss(self, x, target=None, stage="autoencoder"):
+        target = x if target is None else target
+        z = self.to_latent(self.encoder(x))
+        if self.training:
+            with torch.no_grad():  # running moments of the codes, for sample()
+                self.code_mean.lerp_(z.mean(0), 0.05)
+                self.code_var.lerp_(z.var(0) if len(z) > 1 else self.code_var, 0.05)
+        recon = torch.sigmoid(self.decode(z))
+        mse = F.mse_loss(recon, target)
+        return mse, {"mse": mse.detach()}, recon
+
+    def reconstruct(self, x):
+        return torch.sigmoid(self.decode(self.to_latent(self.encoder(x))))
+
+    def sample(self, n, generator=None):
+        eps = noise((n, self.latent_dim), generator, self.code_mean.device)
+        return torch.sigmoid(self.decode(self.code_mean + self.code_var.sqrt() * eps))
+
+
+class BetaVAE(LatentVectorAE):
+    """beta-VAE with a diagonal-Gaussian posterior and an N(0, I) prior.
+
+    Objective (per pixel):  L = mean_pixels (x - D(z))^2 + beta * KL(q(z|x) || N(0, I)) / P,
+                            z ~ q(z|x) = N(mu(x), diag s^2(x))
+    """
+
+    head_multiple = 2
+
+    def __init__(self, beta=1.0, **kw):
+        super().__init__(beta=beta, **kw)
+        self.beta = beta
+
+    def posterior(self, x):
+        return self.to_latent(self.encoder(x)).chunk(2, dim=1)
+
+    def loss(self, x, target=None, stage="autoencoder"):
+        target = x if target is None else target
+        mu, logvar = self.posterior(x)
+        recon = torch.sigmoid(self.decode(reparameterize(mu, logvar)))
+        mse = F.mse_loss(recon, target)
+        kl = diagonal_gaussian_kl(mu, logvar).mean()
+        total = mse + self.beta * kl / target[0].numel()
+        return total, {"mse": mse.detach(), "kl": kl.detach()}, recon
+
+    def reconstruct(self, x):
+        return torch.sigmoid(self.decode(self.posterior(x)[0]))
+
+    def sample(self, n, generator=None):
+        z = noise((n, self.latent_dim), generator, self.from_latent[0].weight.device)
+        return torch.sigmoid(self.decode(z))
+
+
+class MixturePrior(nn.Module):
+    """p(z) = sum_k pi_k N(z; m_k, diag s_k^2) with learnable means, variances and weights."""
+
+    def __init__(self, components, dim):
+        super().__init__()
+        self.means = nn.Parameter(torch.randn(components, dim))
+        self.logvars = nn.Parameter(torch.zeros(components, dim))
+        self.logits = nn.Parameter(torch.zeros(components))
+
+    def kl(self, z, mu, logvar):
+        return mixture_kl_mc(z, mu, logvar, self.means, self.logvars, self.logits)
+
+    def sample(self, n, generator=None):
+        k = torch.multinomial(F.softmax(self.logits.detach().cpu(), 0), n, True, generator=generator)
+        eps = noise((n, self.means.shape[1]), generator, self.means.device)
+        k = k.to(self.means.device)
+        return self.means[k] + torch.exp(0.5 * self.logvars[k]) * eps
+
+
+class SAVAE(LatentVectorAE):
+    """VAE with a mixture-of-Gaussians prior, a heteroscedastic decoder and MC dropout.
+
+    Decoder:    p(x|z) = N(x; mu(z), diag s^2(z)), log s^2 clamped to [logvar_min, logvar_max]
+    Objective:  L = mean_pixels -log N(x; mu, s^2) + beta * [log q(z|x) - log p(z)] / P,
+                p(z) a K-component Gaussian mixture, KL by one Monte-Carlo sample.
+    Uncertainty (T passes with dropout on):  epistemic = Var_t[mu_t],  aleatoric = E_t[s_t^2].
+    """
+
+    head_multiple = 2
+    out_multiple = 2
+    logvar_min, logvar_max = -9.0, 0.0
+
+    def __init__(self, beta=1.0, components=10, dropout=0.1, **kw):
+        super().__init__(beta=beta, components=components, dropout=dropout, **kw)
+        self.beta = beta
+        self.prior = MixturePrior(components, self.prior_dim())
+
+    def prior_dim(self):
+        return self.latent_dim
+
+    def posterior(self, x):
+        return self.to_latent(self.encoder(x)).chunk(2, dim=1)
+
+    def pixel_distribution(self, z):
+        mean, logvar = self.decode(z).chunk(2, dim=1)
+        return torch.sigmoid(mean), logvar.clamp(self.logvar_min, self.logvar_max)
+
+    def kl(self, z, mu, logvar):
+        return self.prior.kl(z, mu, logvar)
+
+    def loss(self, x, target=None, stage="autoencoder"):
+        target = x if target is None else target
+        mu, logvar = self.posterior(x)
+        z = reparameterize(mu, logvar)
+        mean, pix_logvar = self.pixel_distribution(z)
+        nll = -gaussian_log_prob(target, mean, pix_logvar).mean()
+        kl = self.kl(z, mu, logvar).mean()
+        total = nll + self.beta * kl / target[0].numel()
+        terms = {"nll": nll.detach(), "kl": kl.detach(), "mse": F.mse_loss(mean, target).detach()}
+        return total, terms, mean
+
+    def reconstruct(self, x):
+        return self.pixel_distribution(self.posterior(x)[0])[0]
+
+    def sample(self, n, generator=None):
+        return self.pixel_distribution(self.prior.sample(n, generator))[0]
+
+    def uncertainty(self, x, passes=8):
+        """MC dropout: predictive mean, epistemic and aleatoric variance, each (B, 1 or 3, H, W)."""
+        dropouts = [m for m in self.modules() if isinstance(m, nn.Dropout2d)]
+        was_training = [m.training for m in dropouts]
+        for m in dropouts:  # dropout on, batch norm still in eval mode
+            m.train()
+        try:
+            mu = self.posterior(x)[0]
+            means, variances = zip(*(self.pixel_distribution(mu) for _ in range(passes)))
+        finally:
+            for m, t in zip(dropouts, was_training):
+                m.train(t)
+        means = torch.stack(means)
+        epistemic = means.var(0, unbiased=False).mean(1, keepdim=True)
+        aleatoric = torch.stack(variances).exp().mean(0).mean(1, keepdim=True)
+        return means.mean(0), epistemic, aleatoric
+
+    def anomaly_maps(self, x, passes=8):
+        mean, epistemic, aleatoric = self.uncertainty(x, passes)
+        recon = self.reconstruct(x)
+        sq = (x - recon).pow(2).mean(1, keepdim=True)
+        return recon, {"l2": sq, "variance_weighted": sq / aleatoric, "epistemic": epistemic}
+
+
+class ARSAVAE(SAVAE):
+    """SAVAE with a global scene latent and K slot latents under an autoregressive prior.
+
+    Prior:      p(z_s) p(z_1 | z_s) prod_{k>1} p(z_k | z_<k, z_s)
+                p(z_s): Gaussian mixture; p(z_k | .) = N(m_k, s_k^2) from a GRU over z_<k, z_s
+    Objective:  L = mean_pixels -log N(x; mu, s^2)
+                    + beta * [log q(z_s, z_1..K | x) - log p(z_s, z_1..K)] / P
+                    + lambda * LPIPS(x, mu)   (added by train.py: it needs the lpips package)
+    Sampling:   ancestral, z_s ~ p(z_s), then z_1, ..., z_K in order.
+    """
+
+    def __init__(self, scene_dim=64, slots=4, slot_dim=16, **kw):
+        kw.setdefault("latent_dim", scene_dim + slots * slot_dim)
+        if kw["latent_dim"] != scene_dim + slots * slot_dim:
+            raise ValueError("latent_dim must equal scene_dim + slots * slot_dim")
+        self.scene_dim, self.slots, self.slot_dim = scene_dim, slots, slot_dim
+        super().__init__(scene_dim=scene_dim, slots=slots, slot_dim=slot_dim, **kw)
+        hidden = 128
+        self.prior_init = nn.Linear(scene_dim, hidden)
+        self.prior_rnn = nn.GRUCell(slot_dim, hidden)
+        self.prior_head = nn.Linear(hidden, 2 * slot_dim)
+
+    def prior_dim(self):
+        return self.scene_dim
+
+    def slot_priors(self, z_scene, slots):
+        """(mean, logvar) of p(z_k | z_<k, z_s) for k = 1..K, given the slot values z_<k."""
+        h = torch.tanh(self.prior_init(z_scene))
+        params = []
+        for k in range(self.slots):
+            params.append(self.prior_head(h).chunk(2, dim=1))
+            if k + 1 < self.slots:
+                h = self.prior_rnn(slots[:, k], h)
+        return params
+
+    def kl(self, z, mu, logvar):
+        s = self.scene_dim
+        kl_scene = self.prior.kl(z[:, :s], mu[:, :s], logvar[:, :s])
+        slots = z[:, s:].unflatten(1, (self.slots, self.slot_dim))
+        log_q = gaussian_log_prob(z[:, s:], mu[:, s:], logvar[:, s:]).sum(1)
+        log_p = sum(gaussian_log_prob(slots[:, k], m, lv).sum(1)
+                    for k, (m, lv) in enumerate(self.slot_priors(z[:, :s], slots)))
+        return kl_scene + log_q - log_p
+
+    def sample(self, n, generator=None):
+        z_scene = self.prior.sample(n, generator)
+        h = torch.tanh(self.prior_init(z_scene))
+        slots = []
+        for k in range(self.slots):
+            m, lv = self.prior_head(h).chunk(2, dim=1)
+            slots.append(m + torch.exp(0.5 * lv) * noise(m.shape, generator, m.device))
+            h = self.prior_rnn(slots[-1], h)
+        return self.pixel_distribution(torch.cat([z_scene] + slots, dim=1))[0]
+
+
+# ----------------------------------------------------------------------------- VQ-VAE
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook quantisation with a straight-through gradient.
+
+    Codebook loss:   ||sg(z) - e||^2        (pulls codes to encoder outputs; replaced by EMA)
+    Commitment loss: beta ||z - sg(e)||^2   (keeps encoder outputs near their codes)
+    EMA update:      N_k <- g N_k + (1-g) n_k,  m_k <- g m_k + (1-g) sum_{z->k} z,  e_k = m_k / N_k
+    Dead codes (EMA usage below `restart_below` vectors per batch) restart at random encoder outputs.
+    """
+
+    def __init__(self, codes=512, dim=64, beta=0.25, ema=True, decay=0.99, restart_below=1.0):
+        super().__init__()
+        self.codes, self.dim, self.beta, self.ema, self.decay = codes, dim, beta, ema, decay
+        self.restart_below = restart_below
+        self.codebook = nn.Parameter(torch.randn(codes, dim) / dim ** 0.5, requires_grad=not ema)
+        self.register_buffer("ema_count", torch.ones(codes))
+        self.register_buffer("ema_sum", self.codebook.detach().clone())
+
+    def nearest(self, flat):
+        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; the ||z||^2 term does not change the argmin
+        dist = self.codebook.pow(2).sum(1) - 2 * flat @ self.codebook.t()
+        return dist.argmin(1)
+
+    def forward(self, z, update=False):
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
+        idx = self.nearest(flat)
+        q = self.codebook[idx].view(z.shape[0], z.shape[2], z.shape[3], self.dim).permute(0, 3, 1, 2)
+        if update and self.ema:
+            self.ema_update(flat.detach(), idx)
+        commitment = self.beta * F.mse_loss(z, q.detach())
+        codebook = z.new_zeros(()) if self.ema else F.mse_loss(q, z.detach())
+        q = z + (q - z).detach()  # straight-through: forward uses q, backward copies grads to z
+        usage = torch.bincount(idx, minlength=self.codes).float() / len(idx)
+        perplexity = torch.exp(-(usage * torch.log(usage + 1e-10)).sum())
+        stats = {"commitment": commitment.detach(), "codebook": codebook.detach(),
+                 "perplexity": perplexity.detach(), "codes_used": (usage > 0).sum().float()}
+        return q, idx.view(z.shape[0], z.shape[2], z.shape[3]), commitment + codebook, stats
+
+    @torch.no_grad()
+    def ema_update(self, flat, idx):
+        onehot = F.one_hot(idx, self.codes).type_as(flat)
+        counts, sums = onehot.sum(0), onehot.t() @ flat
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # every process updates with the statistics of the whole global batch
+            torch.distributed.all_reduce(counts)
+            torch.distributed.all_reduce(sums)
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.ema_count.sum()  # Laplace smoothing keeps empty codes from dividing by zero
+        count = (self.ema_count + 1e-5) / (n + self.codes * 1e-5) * n
+        self.codebook.data.copy_(self.ema_sum / count[:, None])
+        dead = self.ema_count < self.restart_below
+        if dead.any():
+            fresh = flat[torch.randint(len(flat), (int(dead.sum()),), device=flat.device)]
+            if distributed:  # the same restarts in every process
+                torch.distributed.broadcast(fresh, 0)
+            self.codebook.data[dead] = fresh
+            self.ema_sum[dead] = fresh
+            self.ema_count[dead] = 1.0
+
+
+class CausalCodePrior(nn.Module):
+    """Autoregressive prior over the code map, raster order: p(c) = prod_ij p(c_ij | c_<ij).
+
+    A PixelCNN whose only spatial layer is one causal ("type A" masked) window x window
+    convolution, followed by per-position 1x1 layers and a learned embedding of the position
+    (i, j). Each conditional sees the codes above and to the left inside the window, plus where
+    it is in the image. Sampling needs only that window per step, so drawing a 32 x 32 map costs
+    1024 tiny steps instead of 1024 full-network passes.
+    """
+
+    def __init__(self, codes, map_size, embed_dim=32, hidden=256, window=9):
+        super().__init__()
+        self.codes, self.map_size, self.window = codes, map_size, window
+        self.embed = nn.Embedding(codes, embed_dim)
+        self.conv = nn.Conv2d(embed_dim, hidden, window, padding=window // 2)
+        mask = torch.ones(window, window)
+        mask[window // 2, window // 2:] = 0  # the centre and everything right of it on its row
+        mask[window // 2 + 1:] = 0  # every row below
+        self.register_buffer("mask", mask)
+        self.position = nn.Parameter(torch.zeros(1, hidden, map_size, map_size))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+                                  nn.Conv2d(hidden, codes, 1))
+
+    def logits(self, code_map):
+        x = self.embed(code_map).permute(0, 3, 1, 2)
+        h = F.conv2d(x, self.conv.weight * self.mask, self.conv.bias, padding=self.window // 2)
+        return self.head(h + self.position)
+
+    def nll(self, code_map):
+        # -log p(c) per code, averaged: cross-entropy of each code given its causal window
+        return F.cross_entropy(self.logits(code_map), code_map)
+
+    @torch.no_grad()
+    def sample(self, n, generator=None):
+        s, r = self.map_size, self.window // 2
+        device = self.position.device
+        # the embedded map padded by r on every side; positions not yet sampled are masked out
+        canvas = torch.zeros(n, self.embed.embedding_dim, s + 2 * r, s + 2 * r, device=device)
+        codes = torch.zeros(n, s, s, dtype=torch.long, device=device)
+        weight = self.conv.weight * self.mask
+        for i in range(s):
+            for j in range(s):
+                h = F.conv2d(canvas[:, :, i:i + 2 * r + 1, j:j + 2 * r + 1], weight, self.conv.bias)
+                probs = F.softmax(self.head(h + self.position[:, :, i:i + 1, j:j + 1])[:, :, 0, 0], 1)
+                c = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device)
+                codes[:, i, j] = c
+                canvas[:, :, i + r, j + r] = self.embed(c)
+        return codes
+
+
+class VQVAE(AutoEncoder):
+    """VQ-VAE (van den Oord et al. 2017) with a learned autoregressive code prior.
+
+    Encoder: Conv(3,h,4,2,1)-ReLU-Conv(h,h,4,2,1)-ReLU-Conv(h,D,3,1,1); codebook 512 x 64.
+    Decoder: ConvT(D,h,3,1,1)-ReLU-ConvT(h,h,4,2,1)-ReLU-ConvT(h,3,4,2,1)-Sigmoid.
+    Stage 1:  L = mean_pixels (x - D(q(E(x))))^2 + ||sg(z) - e||^2 + beta ||z - sg(e)||^2
+              (the codebook term is replaced by EMA updates when ema=True).
+    Stage 2:  fit p(c) = prod_ij p(c_ij | c_<ij) to the code maps of the training images.
+    sample(n): c ~ p(c), x = D(e_c).
+    """
+
+    stages = ("autoencoder", "prior")
+
+    def __init__(self, image_size=128, hidden=128, codes=512, code_dim=64, beta=0.25, ema=True,
+                 prior_window=9):
+        super().__init__(image_size=image_size, hidden=hidden, codes=codes, code_dim=code_dim,
+                         beta=beta, ema=ema, prior_window=prior_window)
+        if image_size % 4:
+            raise ValueError(f"image size must be a multiple of 4, got {image_size}")
+        h, d = hidden, code_dim
+        self.encoder = nn.Sequential(nn.Conv2d(3, h, 4, 2, 1), nn.ReLU(inplace=True),
+                                     nn.Conv2d(h, h, 4, 2, 1), nn.ReLU(inplace=True),
+                                     nn.Conv2d(h, d, 3, 1, 1))
+        self.quantizer = VectorQuantizer(codes, d, beta, ema)
+        self.decoder = nn.Sequential(nn.ConvTranspose2d(d, h, 3, 1, 1), nn.ReLU(inplace=True),
+                                     nn.ConvTranspose2d(h, h, 4, 2, 1), nn.ReLU(inplace=True),
+                                     nn.ConvTranspose2d(h, 3, 4, 2, 1), nn.Sigmoid())
+        self.prior = CausalCodePrior(codes, image_size // 4, window=prior_window)
+
+    def stage_parameters(self, stage):
+        if stage == "prior":
+            return list(self.prior.parameters())
+        codebook = [] if self.quantizer.ema else [self.quantizer.codebook]
+        return [*self.encoder.parameters(), *self.decoder.parameters(), *codebook]
+
+    def encode(self, x, update=False):
+        return self.quantizer(self.encoder(x), update)
+
+    def loss(self, x, target=None, stage="autoencoder"):
+        target = x if target is None else target
+        if stage == "prior":
+            with torch.no_grad():  # the autoencoder is frozen while its code prior is fitted
+                codes = self.encode(target)[1]
+            nll = self.prior.nll(codes)
+            return nll, {"prior_nll": nll.detach()}, None
+        q, _, vq_loss, stats = self.encode(x, update=self.training)
+        recon = self.decoder(q)
+        mse = F.mse_loss(recon, target)
+        return mse + vq_loss, {"mse": mse.detach(), **stats}, recon
+
+    def reconstruct(self, x):
+        return self.decoder(self.encode(x)[0])
+
+    def sample(self, n, generator=None):
+        codes = self.prior.sample(n, generator)
+        return self.decoder(self.quantizer.codebook[codes].permute(0, 3, 1, 2))
+
+
+# ----------------------------------------------------------------------------- registry
+
+MODELS = {"dae": DAE, "beta_vae": BetaVAE, "savae": SAVAE, "ar_savae": ARSAVAE, "vqvae": VQVAE}
+
+
+def build_model(name, **config):
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
+    return MODELS[name](**config)
+
+
+def load_model(path, device="cpu"):
+    """Rebuild a model from a training checkpoint; returns (model in eval mode, checkpoint dict)."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = build_model(ckpt["model_name"], **ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model_state"])
+    return model.eval(), ckpt

@@ -1,0 +1,296 @@
+"""Train one autoencoder on the defect-free images of one MVTec AD category.
+
+    python train.py --model dae --category bottle --data-root data/mvtec_ad
+    torchrun --nproc_per_node=2 train.py --model vqvae --category bottle   # several processes
+
+Writes to --out (default outputs/<category>/<model>/):
+    checkpoint.pt   latest state (model args + weights + optimizer + stage/epoch/step + config),
+                    written atomically every epoch; --resume continues from it
+    best.pt         the epoch with the lowest validation loss of the last stage
+    metrics.csv     one row per epoch: every loss term, validation loss and reconstruction MSE
+    recon.png       validation images (top row) and their reconstructions (bottom row)
+    samples.png     draws from the model's prior
+"""
+import argparse
+import csv
+import inspect
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import data
+import losses
+from models import MODELS, build_model
+
+# Per-model training defaults: every default run on bottle at 128 px takes < 10 min on 2 CPU cores.
+RECIPES = {
+    "dae":      dict(epochs=60, lr=1e-3),
+    "beta_vae": dict(epochs=60, lr=1e-3),
+    "savae":    dict(epochs=60, lr=1e-3),
+    "ar_savae": dict(epochs=60, lr=1e-3, lpips_weight=1.0),
+    "vqvae":    dict(epochs=40, lr=1e-3, prior_epochs=40),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train an autoencoder on one MVTec AD category.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, choices=list(MODELS))
+    p.add_argument("--category", required=True, help="MVTec AD category, e.g. bottle")
+    p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
+    p.add_argument("--size", type=int, default=128,
+                   help="image side in pixels; 256 costs about 4x the time per epoch of 128")
+    p.add_argument("--epochs", type=int, help="autoencoder epochs (default: the model's recipe)")
+    p.add_argument("--prior-epochs", type=int, help="epochs of the code prior (VQ-VAE)")
+    p.add_argument("--batch-size", type=int, default=16, help="total over all processes")
+    p.add_argument("--lr", type=float, help="peak learning rate, cosine-decayed (default: recipe)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="train/good held out for validation")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", help="output folder (default outputs/<category>/<model>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g = p.add_argument_group("model")
+    g.add_argument("--latent-dim", type=int, help="latent vector size (dae, beta_vae, savae)")
+    g.add_argument("--width", type=int, help="channels of the first conv layer (not vqvae)")
+    g.add_argument("--beta", type=float, help="KL weight (VAEs) or commitment weight (VQ-VAE)")
+    g.add_argument("--no-ema", action="store_true", help="VQ-VAE: learn the codebook by gradient")
+    g = p.add_argument_group("extra loss terms")
+    g.add_argument("--ssim-weight", type=float, default=0.0, help="weight of 1 - SSIM")
+    g.add_argument("--lpips-weight", type=float, help="weight of LPIPS (default: recipe)")
+    g.add_argument("--lpips-backbone", help=f"local AlexNet weights file (or ${losses.LPIPS_BACKBONE_ENV})")
+    g.add_argument("--lpips-random-backbone", action="store_true",
+                   help="allow a randomly initialised LPIPS backbone (logged as lpips_random)")
+    args = p.parse_args(argv)
+    recipe = RECIPES[args.model]
+    for key in ("epochs", "lr", "prior_epochs", "lpips_weight"):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe.get(key, 0))
+    args.out = args.out or str(Path("outputs") / args.category / args.model)
+    return args
+
+
+def model_args(args):
+    """Constructor arguments given on the command line that the chosen model accepts."""
+    given = {"image_size": args.size, "latent_dim": args.latent_dim, "width": args.width,
+             "beta": args.beta, "ema": False if args.no_ema else None}
+    cls = MODELS[args.model]
+    accepted = {name for klass in cls.__mro__ if "__init__" in vars(klass)
+                for name in inspect.signature(klass.__init__).parameters}
+    return {k: v for k, v in given.items() if v is not None and k in accepted}
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+def setup_distributed():
+    """(rank, world size); torchrun sets the environment variables, a plain run has none."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def pick_device(name, rank):
+    if name == "auto":
+        name = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def epoch_seed(seed, stage_index, epoch):
+    # every epoch's randomness derives from (seed, stage, epoch): resuming replays it exactly
+    return seed * 1_000_003 + stage_index * 10_007 + epoch
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_csv_atomic(rows, path):
+    header = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_rows_until(path, stage_index, epoch):
+    """Rows of an earlier run up to the checkpoint, so a resumed run appends after them."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f)
+                if (int(r["stage_index"]), int(r["epoch"])) <= (stage_index, epoch)]
+
+
+def cosine_lr(base_lr, step, total_steps):
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
+
+
+def check_finite(sums, stage, epoch):
+    bad = [k for k, v in sums.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"loss term(s) {', '.join(bad)} became non-finite in stage "
+                                 f"'{stage}' epoch {epoch + 1}; try a lower --lr")
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+def train_epoch(net, images, sampler, optimizer, args, stage, state, total_steps,
+                perceptual, device, rank):
+    """One pass over the training images; returns the epoch mean of every logged term."""
+    net.train()
+    order = list(sampler)
+    per_rank = max(1, args.batch_size // state["world"])
+    sums, batches = {}, 0
+    bar = tqdm(range(0, len(order), per_rank), desc=f"{stage} {state['epoch'] + 1}/{state['epochs']}",
+               leave=False, disable=rank != 0)
+    for start in bar:
+        x = data.to_float(images[order[start:start + per_rank]], device)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(args.lr, state["step"], total_steps)
+        total, terms, recon = net(x, stage=stage)
+        if recon is not None and args.ssim_weight:
+            terms["ssim"] = losses.ssim_loss(recon, x)
+            total = total + args.ssim_weight * terms["ssim"]
+        if recon is not None and perceptual is not None:
+            terms[perceptual.name] = perceptual.distance(recon, x).mean()
+            total = total + args.lpips_weight * terms[perceptual.name]
+        terms["loss"] = total
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 5.0)
+        optimizer.step()
+        state["step"] += 1
+        for k, v in terms.items():  # summed on the device; read back once per epoch
+            sums[k] = sums.get(k, 0) + v.detach()
+        batches += 1
+    return {k: float(v) / batches for k, v in sums.items()}
+
+
+@torch.inference_mode()
+def validate(model, images, args, stage, device):
+    """Validation loss of the current stage and reconstruction MSE, means over val images."""
+    model.eval()
+    loss_sum, mse_sum = 0.0, 0.0
+    for start in range(0, len(images), args.batch_size):
+        x = data.to_float(images[start:start + args.batch_size], device)
+        loss_sum += float(model.loss(x, stage=stage)[0]) * len(x)
+        mse_sum += float((model.reconstruct(x) - x).pow(2).mean()) * len(x)
+    return {"val_loss": loss_sum / len(images), "val_mse": mse_sum / len(images)}
+
+
+@torch.inference_mode()
+def save_pictures(model, val_images, out, seed, device):
+    model.eval()
+    x = data.to_float(val_images[:8], device)
+    save_image(torch.cat([x, model.reconstruct(x)]), os.path.join(out, "recon.png"), nrow=len(x))
+    samples = model.sample(16, torch.Generator().manual_seed(seed))
+    save_image(samples, os.path.join(out, "samples.png"), nrow=8)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = setup_distributed()
+    device = pick_device(args.device, rank)
+    torch.manual_seed(args.seed)
+    train = data.load_split(args.data_root, args.category, "train", args.size, args.val_fraction, args.seed)
+    val = data.load_split(args.data_root, args.category, "val", args.size, args.val_fraction, args.seed)
+    model = build_model(args.model, **model_args(args)).to(device)
+    perceptual = None
+    if args.lpips_weight > 0:
+        perceptual = losses.load_lpips(args.lpips_backbone, args.lpips_random_backbone).to(device)
+        if perceptual.random_backbone and rank == 0:
+            print("warning: the LPIPS term uses a RANDOMLY INITIALISED backbone; it is logged as "
+                  "'lpips_random' and is not LPIPS")
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best.pt")
+    metrics_path = os.path.join(args.out, "metrics.csv")
+
+    resume = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise data.DatasetError(f"--resume: no checkpoint at '{ckpt_path}'")
+        resume = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(resume["model_state"])
+    rows = read_rows_until(metrics_path, resume["stage_index"], resume["epoch"]) if resume else []
+    config = {k: v for k, v in vars(args).items()}
+    config["lpips_backbone_kind"] = None if perceptual is None else perceptual.name
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(train)} train / {len(val)} val "
+              f"images at {args.size} px, device {device}, {world} process(es)")
+
+    for stage_index, stage in enumerate(model.stages):
+        epochs = args.epochs if stage_index == 0 else args.prior_epochs
+        if resume and stage_index < resume["stage_index"]:
+            continue
+        params = model.stage_parameters(stage)
+        trainable = set(params)
+        for p in model.parameters():  # freeze what this stage does not train
+            p.requires_grad_(p in trainable)
+        net = DistributedDataParallel(model) if world > 1 else model
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+        state = {"epoch": 0, "epochs": epochs, "step": 0, "world": world, "best_val": math.inf}
+        if resume and stage_index == resume["stage_index"]:
+            optimizer.load_state_dict(resume["optimizer_state"])
+            state.update(epoch=resume["epoch"] + 1, step=resume["step"], best_val=resume["best_val"])
+        sampler = DistributedSampler(range(len(train)), world, rank, shuffle=True, seed=args.seed)
+        per_rank = max(1, args.batch_size // world)
+        total_steps = epochs * math.ceil(len(sampler) / per_rank)
+        while state["epoch"] < epochs:
+            epoch, t0 = state["epoch"], time.time()
+            torch.manual_seed(epoch_seed(args.seed, stage_index, epoch) + rank)
+            sampler.set_epoch(epoch_seed(args.seed, stage_index, epoch))
+            terms = train_epoch(net, train.images, sampler, optimizer, args, stage, state,
+                                total_steps, perceptual, device, rank)
+            check_finite(terms, stage, epoch)
+            if rank == 0:
+                scores = validate(model, val.images, args, stage, device)
+                row = {"stage_index": stage_index, "stage": stage, "epoch": epoch, "step": state["step"],
+                       "seconds": round(time.time() - t0, 2), "lr": cosine_lr(args.lr, state["step"], total_steps),
+                       **{f"train_{k}": round(v, 6) for k, v in terms.items()},
+                       **{k: round(v, 6) for k, v in scores.items()}}
+                rows.append(row)
+                write_csv_atomic(rows, metrics_path)
+                ckpt = {"model_name": args.model, "model_args": model.config,
+                        "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                        "stage_index": stage_index, "stage": stage, "epoch": epoch, "step": state["step"],
+                        "best_val": min(state["best_val"], scores["val_loss"]), "val": scores,
+                        "config": config}
+                save_atomic(ckpt, ckpt_path)
+                if scores["val_loss"] < state["best_val"]:
+                    save_atomic(ckpt, best_path)
+                if (epoch + 1) % 10 == 0 or epoch + 1 == epochs:
+                    save_pictures(model, val.images, args.out, args.seed, device)
+                print(f"{stage} epoch {epoch + 1}/{epochs}  " + "  ".join(
+                    f"{k} {v:.4g}" for k, v in {**terms, **scores}.items()) + f"  ({row['seconds']:.1f}s)")
+            state["best_val"] = min(state["best_val"], scores["val_loss"]) if rank == 0 else state["best_val"]
+            state["epoch"] += 1
+        resume = None
+    if rank == 0:
+        print(f"done: {args.out}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DatasetError, losses.LPIPSUnavailable, FloatingPointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the last finished epoch is in checkpoint.pt; continue with --resume")
