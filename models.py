@@ -126,31 +126,47 @@ class AutoEncoder(nn.Module):
 
 
 class LatentVectorAE(AutoEncoder):
-    """Conv encoder -> flat latent vector(s) -> conv decoder; the four continuous models share it.
+    """Conv encoder -> latent vector(s) -> conv decoder; the four continuous models share it.
 
     The encoder head outputs `head_multiple * latent_dim` numbers (1: a code, 2: mean and
     log-variance); the decoder outputs `out_multiple * 3` channels (2: mean and log-variance).
+    bottleneck="vector": fully connected to and from the 8 x 8 feature map (global latent);
+    bottleneck="spatial": 1 x 1 convolutions, the latent is a (latent_dim / 64) x 8 x 8 map,
+    flattened, so it keeps where things are (sharper reconstructions, less global).
     """
 
     head_multiple = 1
     out_multiple = 1
 
-    def __init__(self, image_size=128, latent_dim=128, width=32, dropout=0.0, **extra):
+    def __init__(self, image_size=128, latent_dim=128, width=32, dropout=0.0, bottleneck="vector",
+                 **extra):
         super().__init__(image_size=image_size, latent_dim=latent_dim, width=width,
-                         dropout=dropout, **extra)
+                         dropout=dropout, bottleneck=bottleneck, **extra)
         n_down = int(math.log2(image_size // 8))
         if 8 * 2 ** n_down != image_size:
             raise ValueError(f"image size must be 8 * 2^k (e.g. 64, 128, 256), got {image_size}")
+        if bottleneck not in ("vector", "spatial") or (bottleneck == "spatial" and latent_dim % 64):
+            raise ValueError("bottleneck must be 'vector' or 'spatial' (latent_dim a multiple of 64)")
         self.image_size, self.latent_dim = image_size, latent_dim
         self.encoder = ConvEncoder(3, width, n_down)
-        feat = self.encoder.out_channels
-        self.to_latent = nn.Sequential(nn.Flatten(), nn.Linear(feat * 64, self.head_multiple * latent_dim))
-        self.from_latent = nn.Sequential(nn.Linear(latent_dim, feat * 64), nn.Unflatten(1, (feat, 8, 8)),
-                                         nn.ReLU(inplace=True))
+        feat, m = self.encoder.out_channels, self.head_multiple
+        if bottleneck == "vector":
+            self.to_latent = nn.Sequential(nn.Flatten(), nn.Linear(feat * 64, m * latent_dim))
+            self.from_latent = nn.Sequential(nn.Linear(latent_dim, feat * 64),
+                                             nn.Unflatten(1, (feat, 8, 8)), nn.ReLU(inplace=True))
+        else:
+            c = latent_dim // 64
+            # channel-major flattening: chunk(2) of the head still splits into mean and log-variance
+            self.to_latent = nn.Sequential(nn.Conv2d(feat, m * c, 1), nn.Flatten())
+            self.from_latent = nn.Sequential(nn.Unflatten(1, (c, 8, 8)), nn.Conv2d(c, feat, 1),
+                                             nn.ReLU(inplace=True))
         self.decoder = ConvDecoder(self.out_multiple * 3, width, n_down, dropout)
 
     def decode(self, z):
         return self.decoder(self.from_latent(z))
+
+    def code_device(self):
+        return self.decoder[-1].weight.device
 
 
 class DAE(LatentVectorAE):
@@ -214,7 +230,7 @@ class BetaVAE(LatentVectorAE):
         return torch.sigmoid(self.decode(self.posterior(x)[0]))
 
     def sample(self, n, generator=None):
-        z = noise((n, self.latent_dim), generator, self.from_latent[0].weight.device)
+        z = noise((n, self.latent_dim), generator, self.code_device())
         return torch.sigmoid(self.decode(z))
 
 

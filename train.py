@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.utils import save_image
@@ -61,8 +62,13 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--latent-dim", type=int, help="latent vector size (dae, beta_vae, savae)")
     g.add_argument("--width", type=int, help="channels of the first conv layer (not vqvae)")
+    g.add_argument("--bottleneck", choices=["vector", "spatial"],
+                   help="latent layout of dae/beta_vae/savae (default: recipe)")
     g.add_argument("--beta", type=float, help="KL weight (VAEs) or commitment weight (VQ-VAE)")
     g.add_argument("--no-ema", action="store_true", help="VQ-VAE: learn the codebook by gradient")
+    g = p.add_argument_group("defect-detection recipe")
+    g.add_argument("--anomaly-fraction", type=float,
+                   help="fraction of each batch given synthetic anomalies to restore (default: recipe)")
     g = p.add_argument_group("extra loss terms")
     g.add_argument("--ssim-weight", type=float, default=0.0, help="weight of 1 - SSIM")
     g.add_argument("--lpips-weight", type=float, help="weight of LPIPS (default: recipe)")
@@ -71,7 +77,7 @@ def parse_args(argv=None):
                    help="allow a randomly initialised LPIPS backbone (logged as lpips_random)")
     args = p.parse_args(argv)
     recipe = RECIPES[args.model]
-    for key in ("epochs", "lr", "prior_epochs", "lpips_weight"):
+    for key in ("epochs", "lr", "prior_epochs", "lpips_weight", "anomaly_fraction"):
         if getattr(args, key) is None:
             setattr(args, key, recipe.get(key, 0))
     args.out = args.out or str(Path("outputs") / args.category / args.model)
@@ -81,7 +87,7 @@ def parse_args(argv=None):
 def model_args(args):
     """Constructor arguments given on the command line that the chosen model accepts."""
     given = {"image_size": args.size, "latent_dim": args.latent_dim, "width": args.width,
-             "beta": args.beta, "ema": False if args.no_ema else None}
+             "beta": args.beta, "ema": False if args.no_ema else None, "bottleneck": args.bottleneck}
     cls = MODELS[args.model]
     accepted = {name for klass in cls.__mro__ if "__init__" in vars(klass)
                 for name in inspect.signature(klass.__init__).parameters}
@@ -145,6 +151,36 @@ def check_finite(sums, stage, epoch):
                                  f"'{stage}' epoch {epoch + 1}; try a lower --lr")
 
 
+# ----------------------------------------------------------------------------- synthetic anomalies
+
+def smooth_noise_masks(n, size, coverage):
+    """Blob-shaped binary masks (n, 1, S, S): bicubic-upsampled coarse noise thresholded so a
+    `coverage` fraction of each mask (one value per image) is set."""
+    grid = int(torch.randint(0, 3, ()).item())  # 4, 8 or 16 cells: big, medium or small blobs
+    coarse = torch.rand(n, 1, 4 * 2 ** grid, 4 * 2 ** grid)
+    field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).flatten(1)
+    rank = ((1 - coverage) * (field.shape[1] - 1)).long()
+    cut = field.sort(dim=1).values.gather(1, rank[:, None])  # per-image quantile
+    return (field > cut).float().view(n, 1, size, size)
+
+
+def add_synthetic_anomalies(x, fraction):
+    """Paste shifted pieces of other training images through smooth-noise masks into the first
+    `fraction` of the batch; the model is trained to output the clean image (restoration, as in
+    DRAEM's reconstructive network, with patches from normal images as in NSA: no outside data)."""
+    k = int(round(fraction * len(x)))
+    if k == 0 or len(x) < 2:
+        return x
+    size = x.shape[-1]
+    mask = smooth_noise_masks(k, size, torch.empty(k).uniform_(0.01, 0.1)).to(x.device)
+    donors = x.roll(1, dims=0)[:k]  # another image of the batch ...
+    shift = torch.randint(-size // 4, size // 4 + 1, (2,)).tolist()
+    donors = donors.roll(shift, dims=(2, 3))  # ... from another place, so the patch looks foreign
+    opacity = torch.empty(k, 1, 1, 1).uniform_(0.5, 1.0).to(x.device)
+    corrupted = x[:k] * (1 - opacity * mask) + donors * opacity * mask
+    return torch.cat([corrupted, x[k:]])
+
+
 # ----------------------------------------------------------------------------- one epoch
 
 def train_epoch(net, images, sampler, optimizer, args, stage, state, total_steps,
@@ -158,9 +194,10 @@ def train_epoch(net, images, sampler, optimizer, args, stage, state, total_steps
                leave=False, disable=rank != 0)
     for start in bar:
         x = data.to_float(images[order[start:start + per_rank]], device)
+        inputs = add_synthetic_anomalies(x, args.anomaly_fraction) if stage == "autoencoder" else x
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(args.lr, state["step"], total_steps)
-        total, terms, recon = net(x, stage=stage)
+        total, terms, recon = net(inputs, target=x, stage=stage)
         if recon is not None and args.ssim_weight:
             terms["ssim"] = losses.ssim_loss(recon, x)
             total = total + args.ssim_weight * terms["ssim"]
