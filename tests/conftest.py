@@ -1,8 +1,13 @@
 """Shared fixtures: tiny synthetic categories in the MVTec layout, built once per test session."""
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# Tiny tensors on a small shared machine: one thread each avoids oversubscription stalls
+# (set before torch is imported, inherited by the subprocesses the tests start).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
