@@ -8,7 +8,7 @@ Every model maps images x in [0, 1], shape (B, 3, H, W), and offers:
                None in a stage that reconstructs nothing (the VQ-VAE prior).
     reconstruct(x)  -> recon              deterministic reconstruction (eval mode)
     sample(n)       -> images             draws from the model's prior
-    anomaly_maps(x) -> (recon, {name: (B, 1, H, W)})   per-pixel maps, "l2" always present
+    anomaly_maps(x, mc_passes) -> (recon, {name: (B, 1, H, W)})   per-pixel maps, "l2" always
     stages, stage_parameters(stage)       training stages (VQ-VAE fits its code prior second)
 
 MODELS maps --model names to classes; build_model / load_model rebuild them from a checkpoint.
@@ -120,7 +120,8 @@ class AutoEncoder(nn.Module):
     def stage_parameters(self, stage):
         return list(self.parameters())
 
-    def anomaly_maps(self, x):
+    def anomaly_maps(self, x, mc_passes=8):
+        # mc_passes: Monte-Carlo passes, used by models with dropout uncertainty
         recon = self.reconstruct(x)
         return recon, {"l2": (x - recon).pow(2).mean(1, keepdim=True)}
 
@@ -318,8 +319,8 @@ class SAVAE(LatentVectorAE):
         aleatoric = torch.stack(variances).exp().mean(0).mean(1, keepdim=True)
         return means.mean(0), epistemic, aleatoric
 
-    def anomaly_maps(self, x, passes=8):
-        mean, epistemic, aleatoric = self.uncertainty(x, passes)
+    def anomaly_maps(self, x, mc_passes=8):
+        mean, epistemic, aleatoric = self.uncertainty(x, mc_passes)
         recon = self.reconstruct(x)
         sq = (x - recon).pow(2).mean(1, keepdim=True)
         return recon, {"l2": sq, "variance_weighted": sq / aleatoric, "epistemic": epistemic}

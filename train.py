@@ -231,6 +231,10 @@ def train_epoch(net, images, sampler, optimizer, args, stage, state, total_steps
         for k, v in terms.items():  # summed on the device; read back once per epoch
             sums[k] = sums.get(k, 0) + v.detach()
         batches += 1
+    if state["world"] > 1:  # log means over every process's batches, not over rank 0's share
+        packed = torch.stack([v.float() for v in sums.values()])  # same keys, same order per rank
+        dist.all_reduce(packed)
+        sums = dict(zip(sums, packed / state["world"]))
     return {k: float(v) / batches for k, v in sums.items()}
 
 

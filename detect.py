@@ -1,0 +1,374 @@
+"""Localise defects from reconstruction error, with a threshold calibrated on good images.
+
+    python detect.py --class bottle                      # best trained model for the class
+    python detect.py --class bottle --model savae --map ssim+msgms --save-maps
+
+Maps (per pixel, higher = more anomalous): l2 (squared error), ssim (1 - SSIM, 11 x 11 window),
+msgms (1 - multi-scale gradient-magnitude similarity), lpips (spatial LPIPS, real weights only),
+and the model's own extras (SAVAE/AR-SAVAE: variance_weighted, epistemic). "a+b" averages maps,
+each standardised by the mean and std of its values on the val split. Every map is smoothed by a
+Gaussian (--sigma, pixels at the model's resolution); the image score is its maximum (or the
+mean of its top-k pixels).
+
+Threshold: the largest image score among the val images (good images never trained on). With n
+exchangeable good images the chance that a new good one scores higher is 1 / (n + 1). Predicted
+masks are the pixels above that same threshold, so an image is flagged exactly when its mask is
+non-empty. Maps are never normalised by each image's own min and max: that stretches the noise
+of a good image to full scale, so every good image would look defective.
+
+Writes results/<class>/: metrics.json, scores.csv, roc.png, failures.png, one
+<class>_<defect>_<idx>_viz.png per test image, and maps.npz with --save-maps.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import matplotlib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import data  # noqa: E402
+import losses  # noqa: E402
+from models import load_model  # noqa: E402
+
+DEFAULT_MAP = "ssim"
+# Tried in this order when --model is not given: best first, by the README's bottle measurements.
+PREFERRED_MODELS = ["dae", "savae", "ar_savae", "beta_vae", "vqvae"]
+
+
+class DetectError(Exception):
+    """Bad request (no checkpoint, unknown map); printed as one line."""
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def auroc(scores, labels):
+    """Area under the ROC curve = P(score of a positive > score of a negative), ties count 1/2.
+
+    Mann-Whitney form: (sum of the positives' mid-ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg).
+    """
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mid_ranks = np.cumsum(counts) - (counts - 1) / 2.0  # average rank of each tied group
+    return float((mid_ranks[inverse][labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(scores, labels):
+    """(false-positive rates, true-positive rates) over all thresholds, from (0, 0) to (1, 1)."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    s, y = np.asarray(scores)[order], np.asarray(labels).astype(bool)[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tp, fp = np.cumsum(y)[last_of_tie], np.cumsum(~y)[last_of_tie]
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+
+
+def aupro(maps, masks, fpr_limit=0.3):
+    """Area under the per-region-overlap curve up to `fpr_limit`, divided by `fpr_limit`.
+
+    PRO(t) = mean over ground-truth regions (8-connected components of each mask) of the
+    fraction of the region's pixels with map >= t; FPR(t) = fraction of defect-free pixels with
+    map >= t. One sort of all pixels gives both curves at every threshold.
+    """
+    maps, masks = np.asarray(maps, np.float64), np.asarray(masks).astype(bool)
+    weights = np.zeros(maps.shape, np.float64)  # 1 / (R |region|) on region pixels
+    regions = []
+    for i, m in enumerate(masks):
+        n, labels = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
+        regions += [(i, labels == k) for k in range(1, n)]
+    if not regions or masks.all():
+        return float("nan")
+    for i, region in regions:
+        weights[i][region] = 1.0 / (len(regions) * region.sum())
+    order = np.argsort(-maps.ravel(), kind="stable")
+    values, normal = maps.ravel()[order], ~masks.ravel()[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(values))[0], len(values) - 1]
+    fpr = np.r_[0, np.cumsum(normal)[last_of_tie] / normal.sum()]
+    pro = np.r_[0, np.cumsum(weights.ravel()[order])[last_of_tie]]
+    keep = fpr <= fpr_limit
+    fpr_cut, pro_cut = fpr[keep], pro[keep]
+    if fpr_cut[-1] < fpr_limit:  # close the curve at the limit by linear interpolation
+        j = np.searchsorted(fpr, fpr_limit)
+        t = (fpr_limit - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
+        fpr_cut = np.r_[fpr_cut, fpr_limit]
+        pro_cut = np.r_[pro_cut, pro[j - 1] + t * (pro[j] - pro[j - 1])]
+    return float(np.trapezoid(pro_cut, fpr_cut) / fpr_limit)
+
+
+def f1_and_false_alarms(scores, labels, threshold):
+    predicted, labels = np.asarray(scores) > threshold, np.asarray(labels).astype(bool)
+    tp, fp, fn = (predicted & labels).sum(), (predicted & ~labels).sum(), (~predicted & labels).sum()
+    f1 = 2 * tp / max(2 * tp + fp + fn, 1)
+    return float(f1), float(predicted[~labels].mean()) if (~labels).any() else float("nan")
+
+
+def oracle_f1(scores, labels):
+    """Best F1 over all thresholds on the test set itself: for reference only, not deployable."""
+    candidates = np.unique(scores)
+    best = max((f1_and_false_alarms(scores, labels, t)[0], t) for t in np.r_[candidates[0] - 1, candidates])
+    return {"f1": best[0], "threshold": float(best[1])}
+
+
+# ----------------------------------------------------------------------------- maps
+
+@torch.inference_mode()
+def compute_maps(model, split, names, device, batch_size, mc_passes, perceptual):
+    """Raw maps (N, H, W) for each requested name, reconstructions (N, 3, H, W) as uint8,
+    and the model's epistemic map when it has one (for the uncertainty panel)."""
+    out, recons, epistemic = {n: [] for n in names}, [], []
+    for start in range(0, len(split), batch_size):
+        x = data.to_float(split.images[start:start + batch_size], device)
+        recon, own = model.anomaly_maps(x, mc_passes)
+        generic = {"ssim": lambda: 1 - losses.ssim_map(x, recon),
+                   "msgms": lambda: losses.msgms_map(x, recon),
+                   "lpips": lambda: perceptual(x, recon)}
+        for n in names:
+            if n in own:
+                out[n].append(own[n][:, 0].float().cpu().numpy())
+            else:
+                out[n].append(generic[n]()[:, 0].float().cpu().numpy())
+        recons.append((recon.clamp(0, 1) * 255).round().byte().cpu())
+        if "epistemic" in own:
+            epistemic.append(own["epistemic"][:, 0].float().cpu().numpy())
+    return ({n: np.concatenate(v) for n, v in out.items()}, torch.cat(recons),
+            np.concatenate(epistemic) if epistemic else None)
+
+
+@torch.inference_mode()
+def model_map_names(model, device):
+    """Names of the model's own maps, read from one tiny call (no model-name branching)."""
+    size = model.config["image_size"]
+    return set(model.anomaly_maps(torch.zeros(1, 3, size, size, device=device), 1)[1])
+
+
+def smooth(maps, sigma):
+    if sigma <= 0:
+        return maps.astype(np.float32)
+    return np.stack([cv2.GaussianBlur(m.astype(np.float32), (0, 0), sigma) for m in maps])
+
+
+def combine(raw_test, raw_val, names):
+    """One map: each map standardised with its val mean and std (never per image), averaged."""
+    if len(names) == 1:
+        return raw_test[names[0]], raw_val[names[0]]
+    z = lambda m, ref: (m - ref.mean()) / (ref.std() + 1e-12)
+    return (sum(z(raw_test[n], raw_val[n]) for n in names) / len(names),
+            sum(z(raw_val[n], raw_val[n]) for n in names) / len(names))
+
+
+def image_scores(maps, rule, topk):
+    flat = maps.reshape(len(maps), -1)
+    if rule == "max":
+        return flat.max(1)
+    return np.sort(flat, axis=1)[:, -topk:].mean(1)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def to_hwc(image_uint8):
+    return image_uint8.permute(1, 2, 0).numpy()
+
+
+def overlay_red(image, mask):
+    out = image.astype(np.float32)
+    out[mask] = 0.5 * out[mask] + 0.5 * np.array([255, 0, 0])
+    return out.astype(np.uint8)
+
+
+class Picture:
+    """One reusable six (or seven) panel figure; only the pixel data changes per test image."""
+
+    titles = ["original", "reconstruction", "ground truth", "error map", "predicted mask", "overlay"]
+
+    def __init__(self, size, vmax, threshold, with_uncertainty, unc_vmax):
+        n = 7 if with_uncertainty else 6
+        self.fig, axes = plt.subplots(1, n, figsize=(2.2 * n + 0.6, 2.6), dpi=100)
+        blank = np.zeros((size, size, 3), np.uint8)
+        self.panels = []
+        for ax, title in zip(axes, self.titles + ["epistemic (MC dropout)"]):
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+            if title == "error map":
+                im = ax.imshow(np.zeros((size, size)), cmap="jet", vmin=0, vmax=vmax)
+                bar = self.fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+                bar.ax.axhline(threshold, color="white", lw=1.5)  # the calibrated threshold
+                bar.ax.tick_params(labelsize=7)
+            elif title.startswith("epistemic"):
+                im = ax.imshow(np.zeros((size, size)), cmap="magma", vmin=0, vmax=unc_vmax)
+            else:
+                im = ax.imshow(blank)
+            self.panels.append(im)
+        self.suptitle = self.fig.suptitle("", fontsize=9)
+        self.fig.tight_layout()
+
+    def save(self, path, image, recon, mask, amap, predicted, title, uncertainty=None):
+        values = [image, recon, np.repeat(mask[..., None] * 255, 3, 2).astype(np.uint8), amap,
+                  np.repeat(predicted[..., None] * 255, 3, 2).astype(np.uint8),
+                  overlay_red(image, predicted)]
+        for panel, v in zip(self.panels, values + ([uncertainty] if uncertainty is not None else [])):
+            panel.set_data(v)
+        self.suptitle.set_text(title)
+        self.fig.savefig(path)
+
+
+def failure_grid(path, test, recons, maps, scores, threshold, vmax, count=4):
+    """Failure modes: the highest-scoring good images (false positives when flagged) above the
+    lowest-scoring defective ones (false negatives when passed)."""
+    good, bad = np.nonzero(test.labels.numpy() == 0)[0], np.nonzero(test.labels.numpy() == 1)[0]
+    rows = [("good", i) for i in good[np.argsort(-scores[good])][:count]] + \
+           [(test.defect_types[i], i) for i in bad[np.argsort(scores[bad])][:count]]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(6.6, 2.2 * len(rows)), dpi=80, squeeze=False)
+    for (kind, i), ax in zip(rows, axes):
+        verdict = "flagged" if scores[i] > threshold else "passed"
+        ax[0].imshow(to_hwc(test.images[i]))
+        ax[0].set_title(f"{kind} #{i}: {verdict}", fontsize=8)
+        ax[1].imshow(to_hwc(recons[i]))
+        ax[1].set_title("reconstruction", fontsize=8)
+        ax[2].imshow(maps[i], cmap="jet", vmin=0, vmax=vmax)
+        ax[2].set_title(f"score {scores[i]:.4g} (threshold {threshold:.4g})", fontsize=8)
+        for a in ax:
+            a.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def roc_picture(path, scores, labels, title):
+    fpr, tpr = roc_curve(scores, labels)
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.plot(fpr, tpr, lw=2)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Localise defects of one MVTec AD class from reconstruction error.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--class", dest="category", required=True, help="MVTec AD class, e.g. bottle")
+    p.add_argument("--model", help="model name (default: the best trained one for the class)")
+    p.add_argument("--checkpoint", help="checkpoint file (default: <outputs>/<class>/<model>/best.pt)")
+    p.add_argument("--data-root", help="folder holding the categories (default: the checkpoint's)")
+    p.add_argument("--outputs", default="outputs", help="where train.py wrote its checkpoints")
+    p.add_argument("--results", default="results", help="results go to <results>/<class>/")
+    p.add_argument("--map", default=DEFAULT_MAP, help="l2, ssim, msgms, lpips, the model's own "
+                   "(variance_weighted, epistemic), or several joined by '+'")
+    p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the map, pixels")
+    p.add_argument("--score", choices=["max", "topk"], default="max", help="image score from its map")
+    p.add_argument("--topk", type=int, default=100, help="pixels averaged by --score topk")
+    p.add_argument("--threshold", type=float, help="image/pixel threshold (default: max val score)")
+    p.add_argument("--save-maps", action="store_true", help="also write maps.npz (maps, masks)")
+    p.add_argument("--no-pictures", action="store_true", help="skip the per-image pictures")
+    p.add_argument("--mc-passes", type=int, default=8, help="MC-dropout passes for epistemic maps")
+    p.add_argument("--lpips-backbone", help="local AlexNet weights for the lpips map")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    return p.parse_args(argv)
+
+
+def find_checkpoint(args):
+    if args.checkpoint:
+        if not os.path.isfile(args.checkpoint):
+            raise DetectError(f"checkpoint '{args.checkpoint}' not found")
+        return args.checkpoint
+    for name in ([args.model] if args.model else PREFERRED_MODELS):
+        for file in ("best.pt", "checkpoint.pt"):
+            path = Path(args.outputs) / args.category / name / file
+            if path.is_file():
+                return str(path)
+    model = args.model or PREFERRED_MODELS[0]
+    raise DetectError(f"no trained model for class '{args.category}' under '{args.outputs}'; train one "
+                      f"first: python train.py --model {model} --category {args.category}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    ckpt_path = find_checkpoint(args)
+    model, ckpt = load_model(ckpt_path, device)
+    cfg = ckpt["config"]
+    root = args.data_root or cfg["data_root"]
+    names = args.map.split("+")
+    allowed = {"ssim", "msgms", "lpips"} | model_map_names(model, device)
+    if not set(names) <= allowed:
+        raise DetectError(f"unknown map '{args.map}' for {ckpt['model_name']} (choose from {', '.join(sorted(allowed))})")
+    perceptual = losses.load_lpips(args.lpips_backbone, spatial=True).to(device) if "lpips" in names else None
+    val = data.load_split(root, args.category, "val", cfg["size"], cfg["val_fraction"], cfg["seed"])
+    test = data.load_split(root, args.category, "test", cfg["size"], cfg["val_fraction"], cfg["seed"])
+    print(f"{ckpt['model_name']} ({ckpt_path}): {len(test)} test / {len(val)} val images at {cfg['size']} px, map {args.map}")
+
+    raw_val, _, _ = compute_maps(model, val, names, device, args.batch_size, args.mc_passes, perceptual)
+    raw_test, recons, epistemic = compute_maps(model, test, names, device, args.batch_size, args.mc_passes, perceptual)
+    map_test, map_val = combine(raw_test, raw_val, names)
+    map_test, map_val = smooth(map_test, args.sigma), smooth(map_val, args.sigma)
+    scores = image_scores(map_test, args.score, args.topk)
+    val_scores = image_scores(map_val, args.score, args.topk)
+    threshold = args.threshold if args.threshold is not None else float(val_scores.max())
+    labels, masks = test.labels.numpy(), test.masks[:, 0].numpy().astype(bool)
+    predicted_masks = map_test > threshold
+    f1, false_alarms = f1_and_false_alarms(scores, labels, threshold)
+    metrics = {
+        "class": args.category, "model": ckpt["model_name"], "checkpoint": ckpt_path,
+        "map": args.map, "sigma": args.sigma, "score": args.score if args.score == "max" else f"top{args.topk}",
+        "resolution": cfg["size"], "test_images": len(test), "val_images": len(val),
+        "image_auroc": auroc(scores, labels), "pixel_auroc": auroc(map_test, masks),
+        "aupro_0.3": aupro(map_test, masks),
+        "threshold": threshold,
+        "threshold_rule": "--threshold" if args.threshold is not None else "max of val image scores",
+        "f1": f1, "good_false_alarm_rate": false_alarms,
+        "defect_miss_rate": float((scores[labels == 1] <= threshold).mean()),
+        "oracle_f1_on_test (reference only)": oracle_f1(scores, labels),
+    }
+    out = Path(args.results) / args.category
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+    with open(out / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "defect_type", "label", "score", "predicted_label"])
+        for p, d, y, s in zip(test.paths, test.defect_types, labels, scores):
+            w.writerow([p, d, int(y), f"{s:.6g}", int(s > threshold)])
+    if args.save_maps:
+        np.savez_compressed(out / "maps.npz", maps=map_test.astype(np.float32), masks=masks.astype(np.uint8))
+    roc_picture(out / "roc.png", scores, labels,
+                f"{args.category} {ckpt['model_name']} {args.map}: AUROC {metrics['image_auroc']:.3f}")
+    vmax = float(max(threshold * 1.5, np.percentile(map_test, 99.9)))
+    failure_grid(out / "failures.png", test, recons, map_test, scores, threshold, vmax)
+    if not args.no_pictures:
+        unc_vmax = float(np.percentile(epistemic, 99.9)) if epistemic is not None else None
+        picture = Picture(cfg["size"], vmax, threshold, epistemic is not None, unc_vmax)
+        counters = {}
+        for i in tqdm(range(len(test)), desc="pictures", leave=False):
+            d = test.defect_types[i]
+            counters[d] = counters.get(d, -1) + 1
+            picture.save(out / f"{args.category}_{d}_{counters[d]:03d}_viz.png", to_hwc(test.images[i]),
+                         to_hwc(recons[i]), masks[i], map_test[i], predicted_masks[i],
+                         f"{d}  score {scores[i]:.4g}  threshold {threshold:.4g}  "
+                         f"{'DEFECT' if scores[i] > threshold else 'good'}",
+                         None if epistemic is None else epistemic[i])
+        plt.close(picture.fig)
+    print(f"image AUROC {metrics['image_auroc']:.3f}  pixel AUROC {metrics['pixel_auroc']:.3f}  "
+          f"AUPRO {metrics['aupro_0.3']:.3f}  F1 {f1:.3f}  good flagged {false_alarms:.0%}  -> {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DatasetError, DetectError, losses.LPIPSUnavailable) as e:
+        sys.exit(f"error: {e}")
