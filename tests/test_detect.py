@@ -1,0 +1,125 @@
+"""detect.py: metric definitions against brute force and hand-computed cases, and an end-to-end run."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import ROOT
+import detect
+
+
+def pairwise_auroc(scores, labels):
+    """The definition: P(positive scores higher than negative), a tie counting one half."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=2, max_size=40)
+       .filter(lambda xs: any(y for _, y in xs) and not all(y for _, y in xs)))
+def test_auroc_matches_pairwise_definition_with_ties(pairs):
+    scores, labels = zip(*pairs)  # scores from 0..5: many ties
+    assert detect.auroc(scores, labels) == pytest.approx(pairwise_auroc(scores, labels))
+
+
+def test_roc_curve_runs_from_origin_to_one_and_its_area_is_auroc():
+    rng = np.random.default_rng(0)
+    scores, labels = rng.integers(0, 4, 60), rng.random(60) < 0.4
+    fpr, tpr = detect.roc_curve(scores, labels)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(detect.auroc(scores, labels))
+
+
+def test_aupro_is_one_for_a_perfect_map_and_low_for_an_inverted_one():
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 1:3, 1:3] = True
+    masks[1, 5:8, 0:2] = True
+    assert detect.aupro(masks.astype(float), masks) == pytest.approx(1.0)
+    assert detect.aupro(1.0 - masks, masks) == pytest.approx(0.0)
+
+
+def test_aupro_hand_computed_two_regions():
+    """Two regions of 2 pixels in a 1 x 10 image (6 normal pixels).
+
+    Threshold 3: region A fully found, B half -> PRO 0.75 at FPR 0.
+    Threshold 2: one normal pixel -> FPR 1/6, PRO still 0.75.
+    Threshold 1: B complete and 2 more normal pixels -> FPR 3/6 = 0.5, PRO 1.
+    Curve to FPR 0.3: (0, 0) -> (0, 0.75) -> (1/6, 0.75) -> (0.5, 1) interpolated at 0.3:
+    PRO(0.3) = 0.75 + 0.25 * (0.3 - 1/6) / (0.5 - 1/6) = 0.85.
+    Area = 1/6 * 0.75 + (0.3 - 1/6) * (0.75 + 0.85) / 2; divided by 0.3.
+    """
+    mask = np.array([[1, 1, 0, 0, 0, 1, 1, 0, 0, 0]], bool)[None]
+    amap = np.array([[3, 3, 2, 1, 1, 3, 1, 0, 0, 0]], float)[None]
+    area = (1 / 6) * 0.75 + (0.3 - 1 / 6) * (0.75 + 0.85) / 2
+    assert detect.aupro(amap, mask) == pytest.approx(area / 0.3)
+
+
+def test_regions_are_per_connected_component_not_per_image():
+    """A tiny region counts as much as a big one: finding only the big one gives PRO 0.5."""
+    mask = np.zeros((1, 10, 10), bool)
+    mask[0, :5, :5] = True  # 25 pixels
+    mask[0, 8, 8] = True  # 1 pixel
+    amap = mask.astype(float)
+    amap[0, 8, 8] = -1.0  # the small region scores below every normal pixel
+    # PRO is 0.5 at FPR 0 and stays 0.5 until FPR 1: the normalised area up to 0.3 is 0.5
+    assert detect.aupro(amap, mask) == pytest.approx(0.5)
+
+
+def test_f1_and_false_alarms_at_a_threshold():
+    f1, false_alarms = detect.f1_and_false_alarms([0.1, 0.5, 0.9, 0.2], [0, 0, 1, 1], 0.3)
+    # predicted positive: 0.5 (false positive), 0.9 (true positive); 0.2 is a miss
+    assert f1 == pytest.approx(2 * 1 / (2 * 1 + 1 + 1))
+    assert false_alarms == pytest.approx(0.5)
+
+
+def test_scores_are_never_normalised_per_image():
+    """A good image with faint uniform noise must score low, not be stretched to full scale."""
+    faint = np.full((1, 16, 16), 0.01)
+    strong = np.zeros((1, 16, 16))
+    strong[0, 4:8, 4:8] = 1.0
+    scores = detect.image_scores(detect.smooth(np.concatenate([faint, strong]), 1.0), "max", 10)
+    assert scores[0] < 0.05 < scores[1]
+
+
+@pytest.fixture(scope="module")
+def trained_dae(rgb_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs")
+    subprocess.run([sys.executable, "train.py", "--model", "dae", "--category", "synthetic",
+                    "--data-root", str(rgb_root), "--size", "32", "--epochs", "2", "--batch-size", "8",
+                    "--out", str(out / "synthetic" / "dae")], cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def test_detect_end_to_end_writes_metrics_scores_maps_and_pictures(trained_dae, tmp_path):
+    results = tmp_path / "results"
+    subprocess.run([sys.executable, "detect.py", "--class", "synthetic", "--outputs", str(trained_dae),
+                    "--results", str(results), "--save-maps", "--map", "ssim+l2"],
+                   cwd=ROOT, check=True, capture_output=True)
+    out = results / "synthetic"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro_0.3", "f1", "good_false_alarm_rate"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["threshold_rule"] == "max of val image scores"
+    rows = (out / "scores.csv").read_text().strip().splitlines()
+    assert rows[0] == "path,defect_type,label,score,predicted_label" and len(rows) == 1 + 8
+    maps = np.load(out / "maps.npz")
+    assert maps["maps"].shape == maps["masks"].shape == (8, 32, 32)
+    pictures = sorted(out.glob("synthetic_*_viz.png"))
+    assert len(pictures) == 8
+    width, height = Image.open(pictures[0]).size
+    assert width > 4 * height  # six panels side by side
+    assert (out / "roc.png").is_file() and (out / "failures.png").is_file()
+
+
+def test_detect_without_a_trained_model_says_how_to_train_one(tmp_path):
+    r = subprocess.run([sys.executable, "detect.py", "--class", "bottle", "--outputs", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "python train.py --model" in r.stderr

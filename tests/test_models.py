@@ -1,0 +1,158 @@
+"""models.py: the shared interface holds for every model, losses fall, priors sample, VQ details."""
+import ast
+
+import pytest
+import torch
+
+from conftest import ROOT
+import models
+
+SIZE = 32
+
+
+def build(name, **kw):
+    torch.manual_seed(0)
+    return models.build_model(name, image_size=SIZE, **kw)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Four smooth random images: structured enough to be overfitted in a few dozen steps."""
+    torch.manual_seed(1)
+    coarse = torch.rand(4, 3, 4, 4)
+    return torch.nn.functional.interpolate(coarse, size=SIZE, mode="bilinear", align_corners=False)
+
+
+def test_registry_covers_the_five_models_and_rejects_others():
+    assert set(models.MODELS) == {"dae", "beta_vae", "savae", "ar_savae", "vqvae"}
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model("gan")
+
+
+def test_models_py_imports_only_torch_and_the_standard_library():
+    tree = ast.parse((ROOT / "models.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"torch", "math"}
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_interface_shapes_and_ranges(name, batch):
+    model = build(name)
+    for stage in model.stages:
+        total, terms, recon = model.loss(batch, stage=stage)
+        assert total.dim() == 0 and torch.isfinite(total)
+        assert all(v.dim() == 0 for v in terms.values())
+        if recon is not None:
+            assert recon.shape == batch.shape and 0 <= recon.min() and recon.max() <= 1
+    model.eval()
+    with torch.no_grad():
+        recon = model.reconstruct(batch)
+        samples = model.sample(3, torch.Generator().manual_seed(0))
+        again = model.sample(3, torch.Generator().manual_seed(0))
+        _, maps = model.anomaly_maps(batch, 2)
+    assert recon.shape == batch.shape and 0 <= recon.min() and recon.max() <= 1
+    assert samples.shape == (3, 3, SIZE, SIZE) and 0 <= samples.min() and samples.max() <= 1
+    assert torch.equal(samples, again)  # seeded sampling is reproducible
+    assert maps["l2"].shape == (4, 1, SIZE, SIZE)
+    assert all(m.shape == (4, 1, SIZE, SIZE) for m in maps.values())
+
+
+@pytest.mark.parametrize("name", ["savae", "ar_savae"])
+def test_uncertainty_uses_dropout_and_restores_module_modes(name, batch):
+    model = build(name).eval()
+    with torch.no_grad():
+        mean, epistemic, aleatoric = model.uncertainty(batch, passes=4)
+        _, maps = model.anomaly_maps(batch, 4)
+    assert mean.shape == batch.shape and epistemic.shape == aleatoric.shape == (4, 1, SIZE, SIZE)
+    assert epistemic.max() > 0 and (aleatoric > 0).all()
+    assert not any(m.training for m in model.modules())
+    assert {"variance_weighted", "epistemic"} <= set(maps)
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_loss_falls_when_overfitting_a_few_images(name, batch):
+    model = build(name)
+    for stage in model.stages:
+        opt = torch.optim.Adam(model.stage_parameters(stage), lr=2e-3)
+        first = None
+        for _ in range(40):
+            total = model.loss(batch, stage=stage)[0]
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            first = float(total.detach()) if first is None else first
+        assert float(model.loss(batch, stage=stage)[0]) < 0.8 * first, stage
+
+
+def test_spatial_bottleneck_keeps_the_interface(batch):
+    model = build("savae", bottleneck="spatial", latent_dim=128)
+    total, _, recon = model.loss(batch)
+    assert torch.isfinite(total) and recon.shape == batch.shape
+    assert model.sample(2).shape == (2, 3, SIZE, SIZE)
+
+
+def test_code_prior_is_causal():
+    """Changing code (i, j) changes no logit at (i, j) or any position before it in raster order."""
+    torch.manual_seed(0)
+    prior = models.CausalCodePrior(codes=16, map_size=6, window=5)
+    codes = torch.randint(0, 16, (1, 6, 6))
+    base = prior.logits(codes)
+    for i, j in [(0, 0), (2, 3), (5, 5)]:
+        changed = codes.clone()
+        changed[0, i, j] = (changed[0, i, j] + 1) % 16
+        diff = (prior.logits(changed) - base).abs().amax(1)[0]  # (6, 6)
+        flat = diff.flatten()
+        assert flat[: i * 6 + j + 1].max() == 0
+        if (i, j) != (5, 5):
+            assert flat[i * 6 + j + 1:].max() > 0  # and it does reach later positions
+
+
+def test_code_prior_sampling_follows_its_own_conditionals():
+    """The step-by-step sampler computes exactly the logits of the parallel (training) pass."""
+    torch.manual_seed(0)
+    prior = models.CausalCodePrior(codes=8, map_size=5, window=5)
+    codes = prior.sample(64, torch.Generator().manual_seed(0))
+    assert codes.shape == (64, 5, 5) and codes.min() >= 0 and codes.max() < 8
+    assert torch.equal(codes, prior.sample(64, torch.Generator().manual_seed(0)))
+    # a prior that puts all mass on code 3 everywhere must sample only 3s
+    with torch.no_grad():
+        prior.head[-1].bias.fill_(-1e4)
+        prior.head[-1].bias[3] = 1e4
+    assert (prior.sample(4) == 3).all()
+
+
+def test_vq_straight_through_and_commitment():
+    torch.manual_seed(0)
+    vq = models.VectorQuantizer(codes=8, dim=4, beta=0.25, ema=False)
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    q, idx, loss, stats = vq(z)
+    e = vq.codebook[idx].permute(0, 3, 1, 2)
+    assert torch.allclose(q, e)  # forward value is the code
+    assert torch.allclose(stats["commitment"], 0.25 * (z - e).pow(2).mean())
+    q.sum().backward()
+    assert torch.allclose(z.grad, torch.ones_like(z))  # straight-through copies the gradient
+    z2 = torch.randn(2, 4, 3, 3)
+    vq(z2)[2].backward()
+    assert vq.codebook.grad is not None and vq.codebook.grad.abs().sum() > 0  # no EMA: learned
+
+
+def test_vq_ema_moves_codes_and_restarts_dead_ones():
+    torch.manual_seed(0)
+    vq = models.VectorQuantizer(codes=16, dim=4, ema=True)
+    before = vq.codebook.detach().clone()
+    z = torch.randn(4, 4, 4, 4) + 5.0  # far from every initial code
+    _, _, _, stats = vq(z, update=True)
+    assert not vq.codebook.requires_grad
+    assert not torch.equal(before, vq.codebook)
+    # unused codes were restarted at encoder outputs: now most codes lie near the data
+    assert (vq.codebook.mean(1) > 2.0).float().mean() > 0.5
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path, batch):
+    model = build("savae").eval()
+    ckpt = {"model_name": "savae", "model_args": model.config, "model_state": model.state_dict()}
+    torch.save(ckpt, tmp_path / "c.pt")
+    loaded, _ = models.load_model(tmp_path / "c.pt")
+    with torch.no_grad():
+        assert torch.equal(model.reconstruct(batch), loaded.reconstruct(batch))

@@ -1,0 +1,122 @@
+"""train.py end to end: every model trains, writes its outputs, resumes exactly, fails clearly."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+import models
+import train
+
+OUTPUTS = {"checkpoint.pt", "best.pt", "metrics.csv", "recon.png", "samples.png"}
+FAST = ["--size", "32", "--batch-size", "8", "--prior-epochs", "1"]
+
+
+def run_train(root, category, out, *extra, env=None, check=True):
+    cmd = [sys.executable, "train.py", "--category", category, "--data-root", str(root),
+           "--out", str(out), *FAST, *extra]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def rows(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_every_model_trains_end_to_end_and_writes_its_outputs(rgb_root, tmp_path, name):
+    extra = ["--lpips-random-backbone"] if name == "ar_savae" else []
+    run_train(rgb_root, "synthetic", tmp_path, "--model", name, "--epochs", "1", *extra)
+    assert OUTPUTS <= {p.name for p in tmp_path.iterdir()}
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for key in ("model_name", "model_args", "model_state", "optimizer_state", "stage_index",
+                "epoch", "step", "best_val", "config"):
+        assert key in ckpt
+    stages = models.MODELS[name].stages
+    assert [r["stage"] for r in rows(tmp_path)] == list(stages)  # one row per epoch per stage
+    assert ckpt["stage_index"] == len(stages) - 1
+    model, _ = models.load_model(tmp_path / "best.pt")
+    assert model.sample(2).shape == (2, 3, 32, 32)
+
+
+def test_random_lpips_backbone_is_named_as_such_in_every_output(rgb_root, tmp_path):
+    run_train(rgb_root, "synthetic", tmp_path, "--model", "ar_savae", "--epochs", "1",
+              "--lpips-random-backbone")
+    header = rows(tmp_path)[0].keys()
+    assert "train_lpips_random" in header and "train_lpips" not in header
+    config = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert config["lpips_backbone_kind"] == "lpips_random"
+
+
+def test_lpips_without_weights_stops_with_one_line_saying_how_to_provide_them(rgb_root, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LPIPS_BACKBONE"}
+    env["TORCH_HOME"] = str(tmp_path / "torch_home")  # no cached AlexNet, and no network here
+    r = run_train(rgb_root, "synthetic", tmp_path / "out", "--model", "ar_savae", "--epochs", "1",
+                  env=env, check=False)
+    if r.returncode == 0:
+        pytest.skip("this machine could download the LPIPS weights")
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "--lpips-backbone" in lines[0] and "Traceback" not in r.stderr
+
+
+def kill_after_first_epoch(root, category, out, *extra):
+    """Start a run and kill it (SIGKILL, no clean-up) once its first epoch is checkpointed."""
+    cmd = [sys.executable, "train.py", "--category", category, "--data-root", str(root),
+           "--out", str(out), *FAST, *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env)
+    for line in proc.stdout:  # the epoch line is printed after its checkpoint is written
+        if " epoch 1/" in line:
+            proc.kill()
+            break
+    proc.wait()
+    assert proc.returncode != 0, "the run finished before it could be interrupted"
+
+
+@pytest.mark.parametrize("name", ["dae", "vqvae"])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(rgb_root, tmp_path, name):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["--model", name, "--epochs", "3"]
+    run_train(rgb_root, "synthetic", straight, *args)
+    kill_after_first_epoch(rgb_root, "synthetic", resumed, *args)
+    assert len(rows(resumed)) == 1
+    run_train(rgb_root, "synthetic", resumed, *args, "--resume")
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"]
+    for key, tensor in a["model_state"].items():
+        torch.testing.assert_close(tensor, b["model_state"][key], rtol=1e-5, atol=1e-6, msg=key)
+    drop_time = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    assert drop_time(rows(straight)) == drop_time(rows(resumed))
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(rgb_root, tmp_path):
+    r = run_train(rgb_root, "synthetic", tmp_path, "--model", "dae", "--resume", check=False)
+    assert r.returncode != 0 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grayscale_category_trains(gray_root, tmp_path):
+    run_train(gray_root, "synthetic_gray", tmp_path, "--model", "savae", "--epochs", "1")
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_non_finite_loss_names_the_term_that_blew_up():
+    with pytest.raises(FloatingPointError, match="kl"):
+        train.check_finite({"mse": 0.1, "kl": float("nan")}, "autoencoder", 3)
+    train.check_finite({"mse": 0.1}, "autoencoder", 3)  # finite: no error
+
+
+def test_synthetic_anomalies_change_only_the_requested_share_of_the_batch():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 32, 32)
+    y = train.add_synthetic_anomalies(x, 0.5)
+    changed = (y != x).flatten(1).any(1)
+    assert changed[:4].all() and not changed[4:].any()
+    assert torch.equal(train.add_synthetic_anomalies(x, 0.0), x)
