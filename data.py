@@ -20,8 +20,14 @@ Run as a script: `python data.py --synthetic DIR` writes a small synthetic categ
 fixture, not a benchmark), `python data.py --download CATEGORY` fetches MVTec AD.
 """
 import argparse
+import hashlib
+import http.client
 import os
+import shutil
 import sys
+import tarfile
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,12 @@ MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )
+MVTEC_URL = ("https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
+             "420938113-1629952094/mvtec_anomaly_detection.tar.xz")
+MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
+MVTEC_ARCHIVE = "mvtec_anomaly_detection.tar.xz"
+MVTEC_LICENSE = ("MVTec AD is licensed CC BY-NC-SA 4.0 (non-commercial use only); cite Bergmann et al., "
+                 "'MVTec AD - A Comprehensive Real-World Dataset for Unsupervised Anomaly Detection', CVPR 2019")
 LAYOUT_HELP = (
     "expected <root>/<category>/train/good/*.png, <root>/<category>/test/<defect>/*.png and "
     "<root>/<category>/ground_truth/<defect>/<name>_mask.png; get MVTec AD with --download or "
@@ -125,6 +137,89 @@ def test_files(cat):
     if not entries:
         raise DatasetError(f"no images under '{test}'; {LAYOUT_HELP}")
     return entries
+
+
+# ----------------------------------------------------------------------------- download
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_file(url, dest, sha256):
+    """Fetch url to dest, resuming a partial `dest.part` with an HTTP Range request, then verify.
+
+    A checksum mismatch deletes the download (a corrupt file must not be resumed) and raises.
+    """
+    dest, part = Path(dest), Path(f"{dest}.part")
+    if dest.is_file() and sha256_of(dest) == sha256:
+        return dest
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if have and response.status != 206:  # the server ignored Range: start again
+                have = 0
+            total = response.headers.get("Content-Length")
+            total = int(total) + have if total is not None else None
+            with open(part, "ab" if have else "wb") as f, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+                    bar.update(len(block))
+        if total is not None and part.stat().st_size < total:  # connection dropped early
+            raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        raise DatasetError(f"download of {url} failed ({e}); run again to resume, or lay the data out by hand: {LAYOUT_HELP}") from None
+    got = sha256_of(part)
+    if got != sha256:
+        part.unlink()
+        raise DatasetError(f"checksum mismatch for {dest.name}: expected {sha256}, got {got}; "
+                           "the download was deleted, run again")
+    os.replace(part, dest)
+    return dest
+
+
+def safe_members(archive, category):
+    """Members under <category>/ that stay inside the target folder: no absolute paths, no '..',
+    no links (the tarfile 'data' filter enforces the same again when extracting)."""
+    for m in archive.getmembers():
+        parts = Path(m.name).parts
+        if m.name.startswith("/") or ".." in parts or m.issym() or m.islnk():
+            continue
+        if parts and parts[0] == category:
+            yield m
+
+
+def extract_category(archive_path, root, category):
+    """Extract one category into a temporary folder inside root, then rename it into place, so an
+    interrupted extraction never leaves a half category that looks complete."""
+    root = Path(root)
+    tmp = root / f".{category}.extracting"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(archive_path, "r:*") as archive:
+        members = list(safe_members(archive, category))
+        if not members:
+            raise DatasetError(f"'{archive_path}' holds no category '{category}'")
+        archive.extractall(tmp, members=members, filter="data")
+    os.replace(tmp / category, root / category)
+    shutil.rmtree(tmp)
+    return root / category
+
+
+def ensure_category(root, category, download=False, url=MVTEC_URL, sha256=MVTEC_SHA256):
+    """Return <root>/<category>, downloading and extracting MVTec AD first if asked and missing."""
+    if (Path(root) / category / "train" / "good").is_dir() or not download:
+        return category_dir(root, category)
+    if url == MVTEC_URL and category not in MVTEC_CATEGORIES:
+        raise DatasetError(f"'{category}' is not an MVTec AD category ({', '.join(MVTEC_CATEGORIES)})")
+    Path(root).mkdir(parents=True, exist_ok=True)
+    print(f"downloading MVTec AD (about 4.9 GB) into {root}. {MVTEC_LICENSE}.")
+    archive = download_file(url, Path(root) / MVTEC_ARCHIVE, sha256)
+    return extract_category(archive, root, category)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -242,12 +337,16 @@ def make_synthetic_category(root, category="synthetic", size=64, n_train=24, n_g
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--download", metavar="CATEGORY", help="download MVTec AD and extract CATEGORY")
+    p.add_argument("--data-root", default=DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--synthetic", metavar="DIR", help="write a small synthetic category into DIR")
     p.add_argument("--category", default="synthetic", help="name of the synthetic category")
     p.add_argument("--size", type=int, default=128, help="side of the synthetic images")
     p.add_argument("--grayscale", action="store_true", help="write single-channel images")
     args = p.parse_args()
-    if args.synthetic:
+    if args.download:
+        print(f"ready: {ensure_category(args.data_root, args.download, download=True)}")
+    elif args.synthetic:
         cat = make_synthetic_category(args.synthetic, args.category, size=args.size,
                                       n_train=60, n_good_test=10, n_defect_test=10,
                                       grayscale=args.grayscale)

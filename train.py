@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, choices=list(MODELS))
     p.add_argument("--category", required=True, help="MVTec AD category, e.g. bottle")
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
+    p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
     p.add_argument("--size", type=int, default=128,
                    help="image side in pixels; 256 costs about 4x the time per epoch of 128")
     p.add_argument("--epochs", type=int, help="autoencoder epochs (default: the model's recipe)")
@@ -266,6 +267,10 @@ def main(argv=None):
     rank, world = setup_distributed()
     device = pick_device(args.device, rank)
     torch.manual_seed(args.seed)
+    if rank == 0:
+        data.ensure_category(args.data_root, args.category, args.download)
+    if world > 1:
+        dist.barrier()  # the other processes wait for rank 0's download
     train = data.load_split(args.data_root, args.category, "train", args.size, args.val_fraction, args.seed)
     val = data.load_split(args.data_root, args.category, "val", args.size, args.val_fraction, args.seed)
     model = build_model(args.model, **model_args(args)).to(device)
