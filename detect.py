@@ -264,6 +264,7 @@ def parse_args(argv=None):
     p.add_argument("--model", help="model name (default: the best trained one for the class)")
     p.add_argument("--checkpoint", help="checkpoint file (default: <outputs>/<class>/<model>/best.pt)")
     p.add_argument("--data-root", help="folder holding the categories (default: the checkpoint's)")
+    p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
     p.add_argument("--outputs", default="outputs", help="where train.py wrote its checkpoints")
     p.add_argument("--results", default="results", help="results go to <results>/<class>/")
     p.add_argument("--map", default=DEFAULT_MAP, help="l2, ssim, msgms, lpips, the model's own "
@@ -303,6 +304,7 @@ def main(argv=None):
     model, ckpt = load_model(ckpt_path, device)
     cfg = ckpt["config"]
     root = args.data_root or cfg["data_root"]
+    data.ensure_category(root, args.category, args.download)
     names = args.map.split("+")
     allowed = {"ssim", "msgms", "lpips"} | model_map_names(model, device)
     if not set(names) <= allowed:

@@ -85,6 +85,7 @@ def parse_args(argv=None):
                    help="models to evaluate (default: every trained one)")
     p.add_argument("--data-root", help="folder holding the categories (default: the checkpoint's "
                                        f"training data root, else {data.DEFAULT_ROOT})")
+    p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
     p.add_argument("--outputs", default="outputs", help="training outputs; results go here too")
     p.add_argument("--num-samples", type=int, default=1000, help="samples drawn per model (N)")
     p.add_argument("--batch-size", type=int, default=64,
@@ -294,6 +295,7 @@ def evaluate_model(category, name, path, args, device, inception, perceptual):
     model, ckpt = load_model(path, device)
     config = ckpt.get("config", {})
     root = args.data_root or config.get("data_root") or data.DEFAULT_ROOT
+    data.ensure_category(root, category, args.download)
     size = model.config["image_size"]
     row = {"category": category, "model": name, "resolution": size, "checkpoint": str(path)}
     eval_dir = Path(args.outputs) / "eval" / category
