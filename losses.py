@@ -34,8 +34,27 @@ def gaussian_kernel(size, sigma, device=None):
     return g / g.sum()
 
 
+def reflect_blur_matrix(n, kernel):
+    """Banded (n, n) matrix B: v @ B is the correlation of v with `kernel`, reflect-padded."""
+    k, r = len(kernel), len(kernel) // 2
+    if n <= r:
+        raise ValueError(f"reflect padding of {r} needs a side of more than {r} pixels, got {n}")
+    i = torch.arange(n, device=kernel.device)
+    src = (i[:, None] + torch.arange(k, device=kernel.device) - r).abs()
+    src = torch.where(src >= n, 2 * (n - 1) - src, src)  # mirrored at both ends, as F.pad "reflect"
+    b = torch.zeros(n, n, dtype=kernel.dtype, device=kernel.device)
+    return b.index_put_((src, i[:, None].expand(n, k)), kernel.expand(n, k), accumulate=True)
+
+
 def blur(x, kernel):
-    """Separable depthwise filter with reflect padding, so the map keeps the input size."""
+    """Separable filter with reflect padding, so the map keeps the input size.
+
+    Up to 512 px a side: two products with banded matrices that hold the padding, 2-4x faster
+    than the depthwise convolution on CPU, forward and backward (bench.py). Larger: convolution.
+    """
+    h, w = x.shape[-2:]
+    if max(h, w) <= 512:
+        return reflect_blur_matrix(h, kernel).t() @ x @ reflect_blur_matrix(w, kernel)
     c, k = x.shape[1], len(kernel)
     x = F.pad(x, (k // 2,) * 4, mode="reflect")
     x = F.conv2d(x, kernel.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)

@@ -115,6 +115,13 @@ def model_args(args):
 
 # ----------------------------------------------------------------------------- plumbing
 
+def make_model(args, device):
+    """The model as train.py trains it: on device, and channels_last on CPU, where oneDNN runs
+    these convolutions 1.1-1.35x faster than NCHW (bench.py --profile)."""
+    model = build_model(args.model, **model_args(args)).to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
+
+
 def setup_distributed():
     """(rank, world size); torchrun sets the environment variables, a plain run has none."""
     if "RANK" not in os.environ:
@@ -273,7 +280,7 @@ def main(argv=None):
         dist.barrier()  # the other processes wait for rank 0's download
     train = data.load_split(args.data_root, args.category, "train", args.size, args.val_fraction, args.seed)
     val = data.load_split(args.data_root, args.category, "val", args.size, args.val_fraction, args.seed)
-    model = build_model(args.model, **model_args(args)).to(device)
+    model = make_model(args, device)
     perceptual = None
     if args.lpips_weight > 0:
         perceptual = losses.load_lpips(args.lpips_backbone, args.lpips_random_backbone).to(device)

@@ -1,0 +1,487 @@
+"""Training and inference throughput of every model against a plain reference loop, in one run.
+
+    python bench.py                                   # all models, 128 and 256 px, CPU (+ CUDA)
+    python bench.py --models vqvae --sizes 128 --steps 4 --out bench_results.md
+    python bench.py --models vqvae --sizes 128 --profile   # where the time goes, and what helps
+
+Ours      = what train.py does: the split decoded once into a uint8 tensor in memory,
+            `data.to_float` per batch, the model as train.py builds it, then train.train_epoch
+            itself (model.loss + backward + gradient clipping + AdamW step), with the recipe's
+            extra terms off so both loops optimise the same objective. "Recipe" = the same with
+            train.py's default recipe on (synthetic anomalies + SSIM term; LPIPS is left out, it
+            needs downloaded weights). Inference: model.reconstruct under inference_mode.
+Reference = the obvious loop of the reference VQ-VAE recipe: a Dataset that opens, decodes and
+            resizes each PNG with PIL on every access, torchvision ToTensor, a DataLoader with
+            num_workers=0, float32 NCHW, default threads, the same model, the same AdamW
+            (inference: model.eval() under no_grad).
+
+Both loops run interleaved step by step in the same process (so a busy machine slows both
+alike); warm-up steps are not timed and throughput is batch size / median step time. The peak
+rows time a large float32 matmul and a representative 3x3 convolution; each model's FLOPs per
+training image (forward + backward, torch.utils.flop_counter) times its throughput gives the
+achieved GFLOP/s and the fraction of that measured convolution peak.
+"""
+import argparse
+import contextlib
+import copy
+import io
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+
+import data
+import losses
+import train
+from models import MODELS, build_model
+
+
+
+# ----------------------------------------------------------------------------- setup
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
+    p.add_argument("--category", default="bottle",
+                   help="category to read; a synthetic one is generated if it is not there")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--sizes", nargs="+", type=int, default=[128, 256])
+    p.add_argument("--steps", type=int, default=8, help="timed steps per loop")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto (CPU, and CUDA if present), cpu, cuda")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads for every loop (default: torch's default, one per core); "
+                        "1 gives steadier ratios on a machine shared with other jobs")
+    p.add_argument("--out", help="also write the markdown report to this file")
+    p.add_argument("--no-peak", action="store_true", help="skip the matmul/conv peak")
+    p.add_argument("--profile", action="store_true",
+                   help="profile our training step of the first model/size on the first device "
+                        "and time channels_last, thread counts and torch.compile against it")
+    p.add_argument("--no-compile", action="store_true", help="--profile without torch.compile")
+    return p.parse_args(argv)
+
+
+def devices(name):
+    if name == "auto":
+        return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [torch.device(name)]
+
+
+def resolve_data(root, category, sizes, tmp):
+    """(root, category, description): the named category if present, else a synthetic one."""
+    if (Path(root) / category / "train" / "good").is_dir():
+        files = data.image_files(Path(root) / category / "train" / "good")
+        with Image.open(files[0]) as im:
+            shape = f"{im.size[0]}x{im.size[1]} {im.mode}"
+        return root, category, f"real: {Path(root) / category} ({len(files)} train/good PNGs, {shape})"
+    side = max(sizes)
+    data.make_synthetic_category(tmp, "synthetic", size=side, n_train=80)
+    return tmp, "synthetic", (f"SYNTHETIC: '{Path(root) / category}' not found, generated 80 "
+                              f"{side} px PNGs into {tmp} (timings only; decoding real 900 px "
+                              f"MVTec PNGs costs the reference loop more)")
+
+
+def load_average():
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def fraction(x):
+    return "-" if math.isnan(x) else f"{x:.0%}"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def shuffled_batches(n, batch_size, seed=0):
+    """Endless full batches of indices, a fresh permutation per pass (like a shuffled epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=g).tolist()
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
+# ----------------------------------------------------------------------------- our path (train.py)
+
+def train_config(name, root, category, size, batch_size, device, recipe=True):
+    """train.py's own arguments for this model: its recipe, or with the extra terms off."""
+    extra = [] if recipe else ["--anomaly-fraction", "0", "--ssim-weight", "0"]
+    return train.parse_args(["--model", name, "--category", category, "--data-root", str(root),
+                             "--size", str(size), "--batch-size", str(batch_size),
+                             "--device", str(device), "--lpips-weight", "0", *extra])
+
+
+def make_model(args, device):
+    """The model as train.py builds it (train.make_model where it exists: memory format too)."""
+    torch.manual_seed(0)
+    if hasattr(train, "make_model"):
+        return train.make_model(args, device)
+    return build_model(args.model, **train.model_args(args)).to(device)
+
+
+def stage_optimizer(model, args, stage="autoencoder"):
+    """The optimizer train.main builds for a stage (frozen parameters outside it)."""
+    params = model.stage_parameters(stage)
+    trainable = set(params)
+    for p in model.parameters():
+        p.requires_grad_(p in trainable)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+
+def ours_train(model, optimizer, images, args, device, total_steps, seed=0):
+    state = {"epoch": 0, "epochs": 1, "step": 0, "world": 1, "best_val": math.inf}
+    for batch in shuffled_batches(len(images), args.batch_size, seed):
+        # one batch per call so the reference loop can be interleaved; rank 1 = no progress bar
+        train.train_epoch(model, images, batch, optimizer, args, "autoencoder", state,
+                          total_steps, None, device, 1)
+        yield
+
+
+def ours_infer(model, images, batch_size, device):
+    model.eval()
+    for batch in shuffled_batches(len(images), batch_size):
+        with torch.inference_mode():
+            recon = model.reconstruct(data.to_float(images[batch], device))
+        float(recon[0, 0, 0, 0])  # read one value back, as a caller would (syncs CUDA)
+        yield
+
+
+# ----------------------------------------------------------------------------- reference path
+
+class DiskImages(Dataset):
+    """The obvious Dataset: open, decode and resize the PNG every time it is asked for."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = list(paths), size
+        self.to_tensor = transforms.ToTensor()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img = Image.open(self.paths[i]).convert("RGB").resize((self.size, self.size))
+        return self.to_tensor(img)
+
+
+def reference_train(model, optimizer, loader, device):
+    model.train()
+    while True:
+        for x in loader:
+            x = x.to(device)
+            loss = model.loss(x)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()  # the obvious loop logs the loss
+            yield
+
+
+def reference_infer(model, loader, device):
+    model.eval()
+    while True:
+        for x in loader:
+            with torch.no_grad():
+                recon = model.reconstruct(x.to(device))
+            float(recon[0, 0, 0, 0])
+            yield
+
+
+# ----------------------------------------------------------------------------- timing
+
+def race(loops, steps, warmup, device):
+    """Step the named generators round-robin (alternating the order); median seconds per step."""
+    names = list(loops)
+    for _ in range(warmup):
+        for name in names:
+            next(loops[name])
+    times = {name: [] for name in names}
+    for i in range(steps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            sync(device)
+            t = time.perf_counter()
+            next(loops[name])
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def flops_per_image(model, size, device, n=2):
+    """FLOPs of one training forward + backward of model.loss per image, on a copy of the model."""
+    m = copy.deepcopy(model).to(device).train()
+    x = torch.rand(n, 3, size, size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        m.loss(x)[0].backward()
+    return counter.get_total_flops() / n
+
+
+def measure_peak(device, reps=5):
+    """Best-of-reps GFLOP/s of a float32 matmul and of a 3x3 convolution (forward)."""
+    def best(fn, flops):
+        fn(), sync(device)
+        ts = []
+        for _ in range(reps):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t)
+        return flops / min(ts) / 1e9
+
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    matmul = best(lambda: a @ b, 2 * n ** 3)
+    batch, c, s = (16, 128, 32) if device.type == "cpu" else (128, 128, 64)
+    x = torch.randn(batch, c, s, s, device=device)
+    w = torch.randn(c, c, 3, 3, device=device)
+    conv = best(lambda: F.conv2d(x, w, padding=1), 2 * batch * c * c * 9 * s * s)
+    return {"matmul": matmul, "matmul_shape": f"{n}x{n} @ {n}x{n}",
+            "conv": conv, "conv_shape": f"conv3x3 {c}->{c} ch, batch {batch}, {s}x{s}"}
+
+
+def bench_one(name, size, device, split, root, category, opts, peak):
+    args = train_config(name, root, category, size, opts.batch_size, device, recipe=False)
+    recipe_args = train_config(name, root, category, size, opts.batch_size, device)
+    ours = make_model(args, device)
+    torch.manual_seed(0)  # the reference builds the plain model: same weights, NCHW
+    ref = build_model(name, **train.model_args(args)).to(device)
+    recipe = copy.deepcopy(ours)
+    flops_train = flops_per_image(ref, size, device)
+    opt_ours, opt_ref = stage_optimizer(ours, args), stage_optimizer(ref, args)
+    opt_recipe = stage_optimizer(recipe, recipe_args)
+    bs = min(opts.batch_size, len(split))
+    disk = DiskImages(split.paths, size)
+    train_loader = DataLoader(disk, batch_size=bs, shuffle=True, num_workers=0, drop_last=True)
+    infer_loader = DataLoader(disk, batch_size=bs, shuffle=False, num_workers=0, drop_last=True)
+    total = opts.warmup + opts.steps
+    t_train = race({"ours": ours_train(ours, opt_ours, split.images, args, device, total),
+                    "recipe": ours_train(recipe, opt_recipe, split.images, recipe_args, device, total),
+                    "ref": reference_train(ref, opt_ref, train_loader, device)},
+                   opts.steps, opts.warmup, device)
+    t_infer = race({"ours": ours_infer(ours, split.images, bs, device),
+                    "ref": reference_infer(ref, infer_loader, device)},
+                   opts.steps, opts.warmup, device)
+    row = {"model": name, "px": size, "device": device.type,
+           "train_ours": bs / t_train["ours"], "train_ref": bs / t_train["ref"],
+           "train_recipe": bs / t_train["recipe"],
+           "infer_ours": bs / t_infer["ours"], "infer_ref": bs / t_infer["ref"],
+           "gflop_train": flops_train / 1e9}
+    row["achieved"] = row["train_ours"] * row["gflop_train"]
+    row["of_conv_peak"] = row["achieved"] / peak["conv"] if peak else float("nan")
+    return row
+
+
+# ----------------------------------------------------------------------------- profile
+
+def phase_breakdown(model, optimizer, images, args, device, steps, warmup):
+    """Median seconds of each piece of our training step (the pieces of train.train_epoch)."""
+    phases = {k: [] for k in ("to_float + synthetic anomalies", "forward (model.loss)",
+                              "SSIM term", "backward", "clip + AdamW step")}
+    model.train()
+    batches = shuffled_batches(len(images), args.batch_size)
+    for i in range(warmup + steps):
+        marks = [time.perf_counter()]
+        x = data.to_float(images[next(batches)], device)
+        inputs = train.add_synthetic_anomalies(x, args.anomaly_fraction)
+        sync(device), marks.append(time.perf_counter())
+        total, _, recon = model(inputs, target=x)
+        sync(device), marks.append(time.perf_counter())
+        if recon is not None and args.ssim_weight:
+            total = total + args.ssim_weight * losses.ssim_loss(recon, x)
+        sync(device), marks.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        sync(device), marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 5.0)
+        optimizer.step()
+        sync(device), marks.append(time.perf_counter())
+        if i >= warmup:
+            for k, t0, t1 in zip(phases, marks, marks[1:]):
+                phases[k].append(t1 - t0)
+    return {k: statistics.median(v) for k, v in phases.items()}
+
+
+class Threads:
+    """Run a generator's steps with a given torch thread count, restoring it afterwards."""
+
+    def __init__(self, n, gen):
+        self.n, self.gen = n, gen
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        try:
+            return next(self.gen)
+        finally:
+            torch.set_num_threads(before)
+
+
+def profile(name, size, device, split, root, category, opts, out):
+    """Our training step with train.py's default recipe (anomalies + SSIM; LPIPS left out)."""
+    args = train_config(name, root, category, size, opts.batch_size, device)
+    torch.manual_seed(0)
+    base = build_model(name, **train.model_args(args)).to(device)  # NCHW: the variants convert
+    out.append(f"\n## Profile: {name} at {size} px on {device.type}, batch {args.batch_size}, "
+               f"recipe on (anomaly fraction {args.anomaly_fraction}, SSIM weight "
+               f"{args.ssim_weight})\n")
+
+    model = copy.deepcopy(base)
+    optimizer = stage_optimizer(model, args)
+    phases = phase_breakdown(model, optimizer, split.images, args, device, opts.steps, opts.warmup)
+    step = sum(phases.values())
+    out.append("| phase | ms / step | share |\n|---|---:|---:|")
+    out += [f"| {k} | {1e3 * v:.1f} | {v / step:.0%} |" for k, v in phases.items()]
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    gen = ours_train(model, optimizer, split.images, args, device, 10 ** 6)
+    next(gen)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            next(gen)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out.append("\nTop operators over 2 training steps (torch.profiler):\n\n```")
+    out.append(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=40))
+    out.append("```")
+
+    # variants of our step, raced against the unchanged one
+    total = opts.warmup + opts.steps
+    loops, notes = {}, {}
+
+    def variant(label, model, images=split.images, threads=None):
+        m = model
+        opt = stage_optimizer(m, args)
+        gen = ours_train(m, opt, images, args, device, total)
+        loops[label] = Threads(threads, gen) if threads else gen
+
+    default_threads = torch.get_num_threads()
+    variant(f"baseline (NCHW model, {default_threads} threads)", copy.deepcopy(base))
+    variant("channels_last model", copy.deepcopy(base).to(memory_format=torch.channels_last))
+    variant("channels_last model + images",
+            copy.deepcopy(base).to(memory_format=torch.channels_last),
+            split.images.contiguous(memory_format=torch.channels_last))
+    if device.type == "cpu":
+        for n in sorted({1, default_threads, os.cpu_count() or 1} - {default_threads}):
+            variant(f"torch.set_num_threads({n})", copy.deepcopy(base), threads=n)
+    if not opts.no_compile:
+        t0 = time.perf_counter()
+        try:
+            compiled = torch.compile(copy.deepcopy(base))
+            gen = ours_train(compiled, stage_optimizer(compiled, args), split.images, args, device, total)
+            next(gen)  # the compilation itself, timed apart
+            loops["torch.compile (inductor)"] = gen
+            notes["torch.compile (inductor)"] = f"first step (compile) {time.perf_counter() - t0:.0f} s"
+        except Exception as e:  # no compiler, unsupported op: report instead of failing
+            notes["torch.compile (inductor)"] = f"failed: {type(e).__name__}: {str(e)[:100]}"
+    times = race(loops, opts.steps, opts.warmup, device)
+    ref = next(iter(times.values()))
+    out.append("\n| variant of our training step | img/s | vs baseline | note |\n|---|---:|---:|---|")
+    for label, t in times.items():
+        out.append(f"| {label} | {args.batch_size / t:.1f} | {ref / t:.2f}x | {notes.get(label, '')} |")
+    for label, note in notes.items():
+        if label not in times:
+            out.append(f"| {label} | - | - | {note} |")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    opts = parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out = []
+
+    def emit(line=""):
+        print(line, flush=True)
+        out.append(line)
+
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        root, category, description = resolve_data(opts.data_root, opts.category, opts.sizes, tmp)
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                    if l.startswith("model name")), platform.processor()) if os.path.exists(
+                        "/proc/cpuinfo") else platform.processor()
+        emit("# Throughput: ours (train.py) vs the plain reference loop\n")
+        emit(f"- data: {description}")
+        emit(f"- torch {torch.__version__}, Python {platform.python_version()}, CPU: {cpu}, "
+             f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+             + (f", GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+        emit(f"- batch {opts.batch_size}, {opts.warmup} warm-up + {opts.steps} timed steps per loop, "
+             "loops interleaved step by step; img/s = batch / median step time")
+        emit("- ours: decoded-once uint8 images, data.to_float, the model as train.py builds it, "
+             "train.train_epoch (model.loss + backward + clip + AdamW); recipe: the same plus "
+             "train.py's default synthetic anomalies + SSIM term (LPIPS excluded); ref: PIL decode "
+             "+ resize from disk per access, ToTensor, DataLoader(num_workers=0), float32 NCHW, "
+             "model.loss + backward + AdamW")
+        emit(f"- load average at start: {load_average()} (other processes on these cores slow "
+             "both loops alike; compare the ratios)\n")
+
+        peaks = {}
+        for device in devices(opts.device):
+            if not opts.no_peak:
+                peaks[device.type] = peak = measure_peak(device)
+                emit(f"- measured peak on {device.type}: matmul {peak['matmul']:.0f} GFLOP/s "
+                     f"({peak['matmul_shape']}), conv {peak['conv']:.0f} GFLOP/s ({peak['conv_shape']})")
+        splits = {}
+        for size in opts.sizes:
+            t0 = time.perf_counter()
+            args = train_config(opts.models[0], root, category, size, opts.batch_size, "cpu")
+            with contextlib.redirect_stderr(io.StringIO()):  # no progress bar between table lines
+                splits[size] = data.load_split(root, category, "train", size, args.val_fraction,
+                                               args.seed)
+            emit(f"- ours decodes the {len(splits[size])} train images once at {size} px: "
+                 f"{time.perf_counter() - t0:.1f} s, then never again (the reference pays it every epoch)")
+        emit("")
+        if opts.profile:
+            report = []
+            profile(opts.models[0], opts.sizes[0], devices(opts.device)[0], splits[opts.sizes[0]],
+                    root, category, opts, report)
+            for line in report:
+                emit(line)
+            emit("")
+
+        emit("| model | px | device | train ours img/s | train ref img/s | train ratio | "
+             "train recipe img/s | infer ours img/s | infer ref img/s | infer ratio | "
+             "GFLOP / train img | achieved GFLOP/s | of conv peak |")
+        emit("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for device in devices(opts.device):
+            for size in opts.sizes:
+                for name in opts.models:
+                    r = bench_one(name, size, device, splits[size], root, category, opts,
+                                  peaks.get(device.type))
+                    emit(f"| {r['model']} | {r['px']} | {r['device']} | {r['train_ours']:.1f} | "
+                         f"{r['train_ref']:.1f} | {r['train_ours'] / r['train_ref']:.2f}x | "
+                         f"{r['train_recipe']:.1f} | {r['infer_ours']:.1f} | {r['infer_ref']:.1f} | "
+                         f"{r['infer_ours'] / r['infer_ref']:.2f}x | {r['gflop_train']:.2f} | "
+                         f"{r['achieved']:.0f} | {fraction(r['of_conv_peak'])} |")
+    emit(f"\nload average at end: {load_average()}")
+    if opts.out:
+        Path(opts.out).write_text("\n".join(out) + "\n")
+        print(f"\nwrote {opts.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DatasetError as e:
+        sys.exit(f"error: {e}")
