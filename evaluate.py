@@ -25,7 +25,6 @@ written under their own column names (fid_unofficial, ..., lpips_random), never 
 import argparse
 import csv
 import functools
-import hashlib
 import os
 import shutil
 import sys
@@ -148,14 +147,6 @@ def first_line(e):
     return (str(e).splitlines() or [""])[0][:200]
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def locate_inception(path, allow_unofficial):
     """Path of usable Inception weights and whether they are the official ones, checked before any
     sampling. Order: --inception-weights, $INCEPTION_WEIGHTS, the torch hub cache (where
@@ -172,7 +163,7 @@ def locate_inception(path, allow_unofficial):
             except Exception as e:  # no network surfaces as URLError, OSError, RuntimeError, ...
                 raise EvaluationError(f"could not download the Inception weights ({type(e).__name__}: "
                                       f"{first_line(e)}); {INCEPTION_HELP}") from None
-    official = sha256(path) == INCEPTION_SHA256
+    official = data.sha256_of(path) == INCEPTION_SHA256
     if not official and not allow_unofficial:
         raise EvaluationError(
             f"'{path}' is not the official {INCEPTION_FILE} (SHA-256 differs from {INCEPTION_SHA256[:16]}...), "
