@@ -52,15 +52,15 @@ from models import MODELS, build_model
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--category", default="bottle",
                    help="category to read; a synthetic one is generated if it is not there")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--sizes", nargs="+", type=int, default=[128, 256])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
+    p.add_argument("--sizes", nargs="+", type=int, default=[128, 256], help="image sides in pixels")
     p.add_argument("--steps", type=int, default=8, help="timed steps per loop")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per step, both loops")
     p.add_argument("--device", default="auto", help="auto (CPU, and CUDA if present), cpu, cuda")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads for every loop (default: torch's default, one per core); "
@@ -148,7 +148,7 @@ def stage_optimizer(model, args, stage="autoencoder"):
 
 
 def ours_train(model, optimizer, images, args, device, total_steps, seed=0):
-    state = {"epoch": 0, "epochs": 1, "step": 0, "world": 1, "best_val": math.inf}
+    state = {"epoch": 0, "epochs": 1, "lr": args.lr, "step": 0, "world": 1, "best_val": math.inf}
     for batch in shuffled_batches(len(images), args.batch_size, seed):
         # one batch per call so the reference loop can be interleaved; rank 1 = no progress bar
         train.train_epoch(model, images, batch, optimizer, args, "autoencoder", state,
@@ -369,10 +369,10 @@ def profile(name, size, device, split, root, category, opts, out):
     total = opts.warmup + opts.steps
     loops, notes = {}, {}
 
-    def variant(label, model, images=split.images, threads=None):
+    def variant(label, model, images=split.images, threads=None, **overrides):
         m = model
         opt = stage_optimizer(m, args)
-        gen = ours_train(m, opt, images, args, device, total)
+        gen = ours_train(m, opt, images, argparse.Namespace(**{**vars(args), **overrides}), device, total)
         loops[label] = Threads(threads, gen) if threads else gen
 
     default_threads = torch.get_num_threads()
@@ -381,6 +381,8 @@ def profile(name, size, device, split, root, category, opts, out):
     variant("channels_last model + images",
             copy.deepcopy(base).to(memory_format=torch.channels_last),
             split.images.contiguous(memory_format=torch.channels_last))
+    variant("channels_last model, bf16 autocast (--bf16)",
+            copy.deepcopy(base).to(memory_format=torch.channels_last), bf16=True)
     if device.type == "cpu":
         for n in sorted({1, default_threads, os.cpu_count() or 1} - {default_threads}):
             variant(f"torch.set_num_threads({n})", copy.deepcopy(base), threads=n)
@@ -406,6 +408,14 @@ def profile(name, size, device, split, root, category, opts, out):
 
 # ----------------------------------------------------------------------------- main
 
+def cpu_name():
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def main(argv=None):
     opts = parse_args(argv)
     if opts.threads:
@@ -418,9 +428,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         root, category, description = resolve_data(opts.data_root, opts.category, opts.sizes, tmp)
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                    if l.startswith("model name")), platform.processor()) if os.path.exists(
-                        "/proc/cpuinfo") else platform.processor()
+        cpu = cpu_name()
         emit("# Throughput: ours (train.py) vs the plain reference loop\n")
         emit(f"- data: {description}")
         emit(f"- torch {torch.__version__}, Python {platform.python_version()}, CPU: {cpu}, "

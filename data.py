@@ -173,7 +173,8 @@ def download_file(url, dest, sha256):
         if total is not None and part.stat().st_size < total:  # connection dropped early
             raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        raise DatasetError(f"download of {url} failed ({e}); run again to resume, or lay the data out by hand: {LAYOUT_HELP}") from None
+        raise DatasetError(f"download of {url} failed ({e}); run again to resume, "
+                           f"or lay the data out by hand: {LAYOUT_HELP}") from None
     got = sha256_of(part)
     if got != sha256:
         part.unlink()
@@ -335,8 +336,17 @@ def make_synthetic_category(root, category="synthetic", size=64, n_train=24, n_g
     return cat
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help for every script: shows defaults, except None/False (those say in words what they
+    default to), and keeps the line breaks of descriptions and epilogs."""
+
+    def _get_help_string(self, action):
+        hidden = action.default is None or action.default is False  # `is`: a default of 0 is shown
+        return action.help if hidden else super()._get_help_string(action)
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--download", metavar="CATEGORY", help="download MVTec AD and extract CATEGORY")
     p.add_argument("--data-root", default=DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--synthetic", metavar="DIR", help="write a small synthetic category into DIR")

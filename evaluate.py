@@ -66,18 +66,10 @@ class EvaluationError(Exception):
     """A problem the user can fix (missing checkpoint, weights, ...). Printed as one line."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None and False: those options say in words what they default to."""
-
-    def _get_help_string(self, action):
-        hidden = action.default is None or action.default is False  # `is`: a default of 0 is shown
-        return action.help if hidden else super()._get_help_string(action)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FID / IS / KID of samples and reconstruction MSE / SSIM / "
                                             "LPIPS of trained models, into one summary table.",
-                                formatter_class=HelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--category", required=True,
                    help="MVTec AD category, or 'all' for every category with trained models")
     p.add_argument("--models", nargs="+", choices=list(MODELS),

@@ -39,19 +39,10 @@ DETECTION = dict(anomaly_fraction=0.5, ssim_weight=1.0)
 RECIPES = {
     "dae":      dict(epochs=120, lr=1e-3, bottleneck="spatial", latent_dim=2048, **DETECTION),
     "beta_vae": dict(epochs=100, lr=1e-3, **DETECTION),
-    "savae":    dict(epochs=100, lr=1e-3, **DETECTION),
-    "ar_savae": dict(epochs=80, lr=1e-3, lpips_weight=1.0, **DETECTION),
-    "vqvae":    dict(epochs=40, lr=1e-3, prior_epochs=40, **DETECTION),
+    "savae":    dict(epochs=100, lr=1e-3, prior_epochs=30, prior_lr=1e-2, **DETECTION),
+    "ar_savae": dict(epochs=80, lr=1e-3, prior_epochs=30, prior_lr=1e-2, lpips_weight=1.0, **DETECTION),
+    "vqvae":    dict(epochs=40, lr=1e-3, prior_epochs=40, prior_lr=1e-3, **DETECTION),
 }
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults, except empty ones (those come from the model's recipe or are off)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def parse_args(argv=None):
@@ -59,7 +50,7 @@ def parse_args(argv=None):
                          for name, r in RECIPES.items())
     p = argparse.ArgumentParser(description="Train an autoencoder on one MVTec AD category.",
                                 epilog=f"recipes (defaults per model):\n{recipes}",
-                                formatter_class=HelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--model", required=True, choices=list(MODELS))
     p.add_argument("--category", required=True, help="MVTec AD category, e.g. bottle")
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
@@ -67,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=128,
                    help="image side in pixels; 256 costs about 4x the time per epoch of 128")
     p.add_argument("--epochs", type=int, help="autoencoder epochs (default: the model's recipe)")
-    p.add_argument("--prior-epochs", type=int, help="epochs of the code prior (VQ-VAE)")
+    p.add_argument("--prior-epochs", type=int, help="epochs of the second stage: the prior (SAVAE, AR-SAVAE, VQ-VAE)")
+    p.add_argument("--prior-lr", type=float, help="peak learning rate of the prior stage (default: recipe)")
     p.add_argument("--batch-size", type=int, default=16, help="total over all processes")
     p.add_argument("--lr", type=float, help="peak learning rate, cosine-decayed (default: recipe)")
     p.add_argument("--seed", type=int, default=0)
@@ -75,6 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="output folder (default outputs/<category>/<model>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g = p.add_argument_group("speed")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (pays off on GPUs; the first steps compile)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast for the forward pass (for GPUs with bf16; slower on most CPUs)")
     g = p.add_argument_group("model")
     g.add_argument("--latent-dim", type=int, help="latent vector size (dae, beta_vae, savae)")
     g.add_argument("--width", type=int, help="channels of the first conv layer (not vqvae)")
@@ -93,7 +90,7 @@ def parse_args(argv=None):
                    help="allow a randomly initialised LPIPS backbone (logged as lpips_random)")
     args = p.parse_args(argv)
     recipe = RECIPES[args.model]
-    for key in ("epochs", "lr", "prior_epochs", "lpips_weight", "anomaly_fraction", "ssim_weight"):
+    for key in ("epochs", "lr", "prior_epochs", "prior_lr", "lpips_weight", "anomaly_fraction", "ssim_weight"):
         if getattr(args, key) is None:
             setattr(args, key, recipe.get(key, 0))
     for key in ("bottleneck", "latent_dim"):  # model arguments: None leaves the model's default
@@ -222,8 +219,10 @@ def train_epoch(net, images, sampler, optimizer, args, stage, state, total_steps
         x = data.to_float(images[order[start:start + per_rank]], device)
         inputs = add_synthetic_anomalies(x, args.anomaly_fraction) if stage == "autoencoder" else x
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(args.lr, state["step"], total_steps)
-        total, terms, recon = net(inputs, target=x, stage=stage)
+            group["lr"] = cosine_lr(state["lr"], state["step"], total_steps)
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):  # the network only
+            total, terms, recon = net(inputs, target=x, stage=stage)
+        recon = None if recon is None else recon.float()  # image losses need fp32's small constants
         if recon is not None and args.ssim_weight:
             terms["ssim"] = losses.ssim_loss(recon, x)
             total = total + args.ssim_weight * terms["ssim"]
@@ -306,7 +305,7 @@ def main(argv=None):
               f"images at {args.size} px, device {device}, {world} process(es)")
 
     for stage_index, stage in enumerate(model.stages):
-        epochs = args.epochs if stage_index == 0 else args.prior_epochs
+        epochs, lr = (args.epochs, args.lr) if stage_index == 0 else (args.prior_epochs, args.prior_lr)
         if resume and stage_index < resume["stage_index"]:
             continue
         params = model.stage_parameters(stage)
@@ -314,8 +313,10 @@ def main(argv=None):
         for p in model.parameters():  # freeze what this stage does not train
             p.requires_grad_(p in trainable)
         net = DistributedDataParallel(model) if world > 1 else model
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-        state = {"epoch": 0, "epochs": epochs, "step": 0, "world": world, "best_val": math.inf}
+        net = torch.compile(net) if args.compile else net
+        # fused: one kernel for all parameters on GPUs; CPUs keep the default implementation
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=device.type == "cuda")
+        state = {"epoch": 0, "epochs": epochs, "lr": lr, "step": 0, "world": world, "best_val": math.inf}
         if resume and stage_index == resume["stage_index"]:
             optimizer.load_state_dict(resume["optimizer_state"])
             state.update(epoch=resume["epoch"] + 1, step=resume["step"], best_val=resume["best_val"])
@@ -332,7 +333,7 @@ def main(argv=None):
             if rank == 0:
                 scores = validate(model, val.images, args, stage, device)
                 row = {"stage_index": stage_index, "stage": stage, "epoch": epoch, "step": state["step"],
-                       "seconds": round(time.time() - t0, 2), "lr": cosine_lr(args.lr, state["step"], total_steps),
+                       "seconds": round(time.time() - t0, 2), "lr": cosine_lr(lr, state["step"], total_steps),
                        **{f"train_{k}": round(v, 6) for k, v in terms.items()},
                        **{k: round(v, 6) for k, v in scores.items()}}
                 rows.append(row)

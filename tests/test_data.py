@@ -92,5 +92,5 @@ def test_scripts_print_one_error_line_not_a_traceback(tmp_path):
                         "--data-root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "categories found: cat" in lines[0]

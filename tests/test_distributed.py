@@ -104,7 +104,8 @@ def test_weights_match_single_process(vqvae_runs):
 def test_validation_metrics_match(vqvae_runs):
     a, b, _ = vqvae_runs
     ra, rb = read_rows(a / "metrics.csv"), read_rows(b / "metrics.csv")
-    key = lambda r: (r["stage_index"], r["stage"], r["epoch"], r["step"])
+    def key(r):
+        return r["stage_index"], r["stage"], r["epoch"], r["step"]
     # 22 train images: 3 global batches of 8, 8, 6 per epoch, whichever the process count
     assert [key(r) for r in ra] == [key(r) for r in rb] == [
         ("0", "autoencoder", "0", "3"), ("0", "autoencoder", "1", "6"), ("1", "prior", "0", "3")]

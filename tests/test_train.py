@@ -61,7 +61,7 @@ def test_lpips_without_weights_stops_with_one_line_saying_how_to_provide_them(rg
                   env=env, check=False)
     if r.returncode == 0:
         pytest.skip("this machine could download the LPIPS weights")
-    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "--lpips-backbone" in lines[0] and "Traceback" not in r.stderr
 
 
@@ -93,7 +93,8 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(rgb_root, tmp_path
     assert a["step"] == b["step"]
     for key, tensor in a["model_state"].items():
         torch.testing.assert_close(tensor, b["model_state"][key], rtol=1e-5, atol=1e-6, msg=key)
-    drop_time = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    def drop_time(rs):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
     assert drop_time(rows(straight)) == drop_time(rows(resumed))
 
 
@@ -120,3 +121,10 @@ def test_synthetic_anomalies_change_only_the_requested_share_of_the_batch():
     changed = (y != x).flatten(1).any(1)
     assert changed[:4].all() and not changed[4:].any()
     assert torch.equal(train.add_synthetic_anomalies(x, 0.0), x)
+
+
+def test_bf16_autocast_trains_to_finite_losses(rgb_root, tmp_path):
+    run_train(rgb_root, "synthetic", tmp_path, "--model", "savae", "--epochs", "2", "--bf16")
+    last = rows(tmp_path)[-1]
+    assert all(torch.isfinite(torch.tensor(float(v))) for k, v in last.items() if k.startswith(("train_", "val_")))
+    assert float(last["train_loss"]) < float(rows(tmp_path)[0]["train_loss"])
