@@ -5,7 +5,10 @@
 
 Maps (per pixel, higher = more anomalous): l2 (squared error), ssim (1 - SSIM, 11 x 11 window),
 msgms (1 - multi-scale gradient-magnitude similarity), lpips (spatial LPIPS, real weights only),
-and the model's own extras (SAVAE/AR-SAVAE: variance_weighted, epistemic). "a+b" averages maps,
+and the model's own extras (SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll, the
+prior's -log p of each code, with the reconstruction decoded from prior-restored codes). Without
+--map, each model's default_map (ssim; SAVAE/AR-SAVAE ssim+variance_weighted; VQ-VAE
+ssim+code_nll). "a+b" averages maps,
 each standardised by the mean and std of its values on the val split. Every map is smoothed by a
 Gaussian (--sigma, pixels at the model's resolution); the image score is its maximum (or the
 mean of its top-k pixels).
@@ -39,7 +42,6 @@ import data  # noqa: E402
 import losses  # noqa: E402
 from models import load_model  # noqa: E402
 
-DEFAULT_MAP = "ssim"
 # Tried in this order when --model is not given: best first, by the README's bottle measurements.
 PREFERRED_MODELS = ["dae", "savae", "ar_savae", "beta_vae", "vqvae"]
 
@@ -162,9 +164,10 @@ def combine(raw_test, raw_val, names):
     """One map: each map standardised with its val mean and std (never per image), averaged."""
     if len(names) == 1:
         return raw_test[names[0]], raw_val[names[0]]
-    z = lambda m, ref: (m - ref.mean()) / (ref.std() + 1e-12)
-    return (sum(z(raw_test[n], raw_val[n]) for n in names) / len(names),
-            sum(z(raw_val[n], raw_val[n]) for n in names) / len(names))
+    def standardise(m, ref):
+        return (m - ref.mean()) / (ref.std() + 1e-12)
+    return (sum(standardise(raw_test[n], raw_val[n]) for n in names) / len(names),
+            sum(standardise(raw_val[n], raw_val[n]) for n in names) / len(names))
 
 
 def image_scores(maps, rule, topk):
@@ -259,7 +262,7 @@ def roc_picture(path, scores, labels, title):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Localise defects of one MVTec AD class from reconstruction error.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--class", dest="category", required=True, help="MVTec AD class, e.g. bottle")
     p.add_argument("--model", help="model name (default: the best trained one for the class)")
     p.add_argument("--checkpoint", help="checkpoint file (default: <outputs>/<class>/<model>/best.pt)")
@@ -267,8 +270,10 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
     p.add_argument("--outputs", default="outputs", help="where train.py wrote its checkpoints")
     p.add_argument("--results", default="results", help="results go to <results>/<class>/")
-    p.add_argument("--map", default=DEFAULT_MAP, help="l2, ssim, msgms, lpips, the model's own "
-                   "(variance_weighted, epistemic), or several joined by '+'")
+    p.add_argument("--map", help="l2, ssim, msgms, lpips, the model's own (SAVAE/AR-SAVAE: "
+                   "variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
+                   "(default: the model's default_map: ssim; SAVAE/AR-SAVAE ssim+variance_weighted; "
+                   "VQ-VAE ssim+code_nll)")
     p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the map, pixels")
     p.add_argument("--score", choices=["max", "topk"], default="max", help="image score from its map")
     p.add_argument("--topk", type=int, default=100, help="pixels averaged by --score topk")
@@ -305,14 +310,17 @@ def main(argv=None):
     cfg = ckpt["config"]
     root = args.data_root or cfg["data_root"]
     data.ensure_category(root, args.category, args.download)
+    args.map = args.map or model.default_map
     names = args.map.split("+")
     allowed = {"ssim", "msgms", "lpips"} | model_map_names(model, device)
     if not set(names) <= allowed:
-        raise DetectError(f"unknown map '{args.map}' for {ckpt['model_name']} (choose from {', '.join(sorted(allowed))})")
+        raise DetectError(f"unknown map '{args.map}' for {ckpt['model_name']} "
+                          f"(choose from {', '.join(sorted(allowed))})")
     perceptual = losses.load_lpips(args.lpips_backbone, spatial=True).to(device) if "lpips" in names else None
     val = data.load_split(root, args.category, "val", cfg["size"], cfg["val_fraction"], cfg["seed"])
     test = data.load_split(root, args.category, "test", cfg["size"], cfg["val_fraction"], cfg["seed"])
-    print(f"{ckpt['model_name']} ({ckpt_path}): {len(test)} test / {len(val)} val images at {cfg['size']} px, map {args.map}")
+    print(f"{ckpt['model_name']} ({ckpt_path}): {len(test)} test / {len(val)} val images "
+          f"at {cfg['size']} px, map {args.map}")
 
     raw_val, _, _ = compute_maps(model, val, names, device, args.batch_size, args.mc_passes, perceptual)
     raw_test, recons, epistemic = compute_maps(model, test, names, device, args.batch_size, args.mc_passes, perceptual)

@@ -99,6 +99,7 @@ class AutoEncoder(nn.Module):
     """Base class: the interface every script uses. Subclasses set `config` for checkpoints."""
 
     stages = ("autoencoder",)
+    default_map = "ssim"  # the anomaly map detect.py uses unless told otherwise (README: Detection)
 
     def __init__(self, **config):
         super().__init__()
@@ -240,7 +241,10 @@ class MixturePrior(nn.Module):
 
     def __init__(self, components, dim):
         super().__init__()
-        self.means = nn.Parameter(torch.randn(components, dim))
+        # Means start close together: every component then shares the posterior mass and moves
+        # with it. Means drawn at N(0, I) lie ~sqrt(2 dim) apart, so all codes pick the nearest
+        # one and the rest never move: samples drawn from those dead components are noise.
+        self.means = nn.Parameter(0.01 * torch.randn(components, dim))
         self.logvars = nn.Parameter(torch.zeros(components, dim))
         self.logits = nn.Parameter(torch.zeros(components))
 
@@ -261,8 +265,13 @@ class SAVAE(LatentVectorAE):
     Objective:  L = mean_pixels -log N(x; mu, s^2) + beta * [log q(z|x) - log p(z)] / P,
                 p(z) a K-component Gaussian mixture, KL by one Monte-Carlo sample.
     Uncertainty (T passes with dropout on):  epistemic = Var_t[mu_t],  aleatoric = E_t[s_t^2].
+    Stage 2 ("prior"): with the autoencoder frozen, fit p(z) alone to the posterior,
+                min E_x E_q(z|x) [log q(z|x) - log p(z)]. In stage 1 the KL weighs 1 / P per pixel,
+                too little to pull p(z) onto the codes the decoder knows; sampling off them gives noise.
     """
 
+    stages = ("autoencoder", "prior")
+    default_map = "ssim+variance_weighted"  # structure, plus the likelihood's own error term
     head_multiple = 2
     out_multiple = 2
     logvar_min, logvar_max = -9.0, 0.0
@@ -285,8 +294,28 @@ class SAVAE(LatentVectorAE):
     def kl(self, z, mu, logvar):
         return self.prior.kl(z, mu, logvar)
 
+    def prior_modules(self):
+        return [self.prior]
+
+    def stage_parameters(self, stage):
+        if stage == "prior":
+            return [p for m in self.prior_modules() for p in m.parameters()]
+        return list(self.parameters())
+
+    def prior_loss(self, x):
+        encoder_was_training = self.encoder.training
+        self.encoder.eval()  # frozen: batch norm must not drift either
+        with torch.no_grad():
+            mu, logvar = self.posterior(x)
+            z = reparameterize(mu, logvar)
+        self.encoder.train(encoder_was_training)
+        kl = self.kl(z, mu, logvar).mean()  # only -log p(z) depends on the prior's parameters
+        return kl, {"prior_kl": kl.detach()}, None
+
     def loss(self, x, target=None, stage="autoencoder"):
         target = x if target is None else target
+        if stage == "prior":
+            return self.prior_loss(target)
         mu, logvar = self.posterior(x)
         z = reparameterize(mu, logvar)
         mean, pix_logvar = self.pixel_distribution(z)
@@ -350,6 +379,9 @@ class ARSAVAE(SAVAE):
 
     def prior_dim(self):
         return self.scene_dim
+
+    def prior_modules(self):
+        return [self.prior, self.prior_init, self.prior_rnn, self.prior_head]
 
     def slot_priors(self, z_scene, slots):
         """(mean, logvar) of p(z_k | z_<k, z_s) for k = 1..K, given the slot values z_<k."""
@@ -476,10 +508,12 @@ class CausalCodePrior(nn.Module):
         return F.cross_entropy(self.logits(code_map), code_map)
 
     @torch.no_grad()
-    def sample(self, n, generator=None):
+    def raster_fill(self, n, choose):
+        """Visit the code map in raster order; choose(probs (n, codes), i, j) -> codes (n,) fixes
+        each position given the codes already fixed above and to the left of it."""
         s, r = self.map_size, self.window // 2
         device = self.position.device
-        # the embedded map padded by r on every side; positions not yet sampled are masked out
+        # the embedded map padded by r on every side; positions not yet fixed are zeros
         canvas = torch.zeros(n, self.embed.embedding_dim, s + 2 * r, s + 2 * r, device=device)
         codes = torch.zeros(n, s, s, dtype=torch.long, device=device)
         weight = self.conv.weight * self.mask
@@ -487,10 +521,25 @@ class CausalCodePrior(nn.Module):
             for j in range(s):
                 h = F.conv2d(canvas[:, :, i:i + 2 * r + 1, j:j + 2 * r + 1], weight, self.conv.bias)
                 probs = F.softmax(self.head(h + self.position[:, :, i:i + 1, j:j + 1])[:, :, 0, 0], 1)
-                c = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device)
-                codes[:, i, j] = c
-                canvas[:, :, i + r, j + r] = self.embed(c)
+                codes[:, i, j] = choose(probs, i, j)
+                canvas[:, :, i + r, j + r] = self.embed(codes[:, i, j])
         return codes
+
+    def sample(self, n, generator=None):
+        def draw(probs, i, j):
+            return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)
+        return self.raster_fill(n, draw)
+
+    def restore(self, codes, min_prob):
+        """Replace every code the prior finds unlikely, p(c_ij | restored c_<ij) < min_prob, by
+        the most likely code. Returns the restored map and -log p of each original code (B, S, S)."""
+        nll = torch.zeros(codes.shape, device=codes.device)
+
+        def keep_or_replace(probs, i, j):
+            p = probs.gather(1, codes[:, i, j, None])[:, 0]
+            nll[:, i, j] = -torch.log(p.clamp_min(1e-12))
+            return torch.where(p < min_prob, probs.argmax(1), codes[:, i, j])
+        return self.raster_fill(len(codes), keep_or_replace), nll
 
 
 class VQVAE(AutoEncoder):
@@ -505,6 +554,8 @@ class VQVAE(AutoEncoder):
     """
 
     stages = ("autoencoder", "prior")
+    restore_below = 0.01  # anomaly_maps: codes the prior gives less than 1 % are replaced
+    default_map = "ssim+code_nll"
 
     def __init__(self, image_size=128, hidden=128, codes=512, code_dim=64, beta=0.25, ema=True,
                  prior_window=9):
@@ -546,9 +597,21 @@ class VQVAE(AutoEncoder):
     def reconstruct(self, x):
         return self.decoder(self.encode(x)[0])
 
-    def sample(self, n, generator=None):
-        codes = self.prior.sample(n, generator)
+    def decode_codes(self, codes):
         return self.decoder(self.quantizer.codebook[codes].permute(0, 3, 1, 2))
+
+    def sample(self, n, generator=None):
+        return self.decode_codes(self.prior.sample(n, generator))
+
+    def anomaly_maps(self, x, mc_passes=8):
+        """Decode the input's codes after the prior has replaced the unlikely ones (a defect's
+        codes are rare on normal images), so the comparison shows what a normal part would look
+        like there. Extra map: code_nll, -log p of each original code, upsampled to pixels."""
+        codes = self.encode(x)[1]
+        restored, nll = self.prior.restore(codes, self.restore_below)
+        recon = self.decode_codes(restored)
+        code_nll = F.interpolate(nll[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return recon, {"l2": (x - recon).pow(2).mean(1, keepdim=True), "code_nll": code_nll}
 
 
 # ----------------------------------------------------------------------------- registry

@@ -58,6 +58,31 @@ def test_interface_shapes_and_ranges(name, batch):
     assert all(m.shape == (4, 1, SIZE, SIZE) for m in maps.values())
 
 
+def test_vqvae_prior_restoration_keeps_likely_codes_and_replaces_unlikely_ones():
+    prior = build("vqvae").eval().prior
+    codes = torch.randint(0, prior.codes, (2, prior.map_size, prior.map_size))
+    with torch.no_grad():
+        kept, nll = prior.restore(codes, min_prob=0.0)  # nothing is below probability 0
+        greedy, _ = prior.restore(codes, min_prob=1.1)  # everything is: the prior's own map
+        greedy_other, _ = prior.restore(torch.zeros_like(codes), min_prob=1.1)
+        logits = prior.logits(codes)
+    assert torch.equal(kept, codes)
+    assert torch.equal(greedy, greedy_other)  # the input no longer matters
+    # the sequential -log p of each code equals the parallel (teacher-forced) cross-entropy
+    expected = torch.nn.functional.cross_entropy(logits, codes, reduction="none")
+    torch.testing.assert_close(nll, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_default_map_names_maps_that_exist(name):
+    model = build(name).eval()
+    with torch.no_grad():
+        _, maps = model.anomaly_maps(torch.rand(2, 3, SIZE, SIZE), 2)
+    assert set(model.default_map.split("+")) <= set(maps) | {"ssim", "msgms"}  # + detect.py's own
+    if name == "vqvae":
+        assert maps["code_nll"].shape == (2, 1, SIZE, SIZE) and (maps["code_nll"] >= 0).all()
+
+
 @pytest.mark.parametrize("name", ["savae", "ar_savae"])
 def test_uncertainty_uses_dropout_and_restores_module_modes(name, batch):
     model = build(name).eval()
@@ -82,7 +107,24 @@ def test_loss_falls_when_overfitting_a_few_images(name, batch):
             total.backward()
             opt.step()
             first = float(total.detach()) if first is None else first
-        assert float(model.loss(batch, stage=stage)[0]) < 0.8 * first, stage
+        # a prior stage can only remove the KL's -log p part: a smaller, noisier (Monte-Carlo) fall
+        assert float(model.loss(batch, stage=stage)[0]) < (0.8 if stage == "autoencoder" else 0.95) * first, stage
+
+
+@pytest.mark.parametrize("name", ["savae", "ar_savae"])
+def test_prior_stage_changes_the_prior_and_nothing_else(name, batch):
+    model = build(name).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prior = {id(p) for p in model.stage_parameters("prior")}
+    opt = torch.optim.Adam(model.stage_parameters("prior"), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model.loss(batch, stage="prior")[0].backward()
+        opt.step()
+    named = dict(model.named_parameters())
+    for key, value in model.state_dict().items():  # parameters and batch-norm statistics
+        changed = not torch.equal(value, before[key])
+        assert changed == (key in named and id(named[key]) in prior), key
 
 
 def test_spatial_bottleneck_keeps_the_interface(batch):
