@@ -281,6 +281,7 @@ def parse_args(argv=None):
     p.add_argument("--save-maps", action="store_true", help="also write maps.npz (maps, masks)")
     p.add_argument("--no-pictures", action="store_true", help="skip the per-image pictures")
     p.add_argument("--mc-passes", type=int, default=8, help="MC-dropout passes for epistemic maps")
+    p.add_argument("--seed", type=int, default=0, help="seeds the MC-dropout passes: same run, same numbers")
     p.add_argument("--lpips-backbone", help="local AlexNet weights for the lpips map")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
@@ -304,6 +305,7 @@ def find_checkpoint(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    torch.manual_seed(args.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     ckpt_path = find_checkpoint(args)
     model, ckpt = load_model(ckpt_path, device)

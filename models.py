@@ -438,6 +438,7 @@ class VectorQuantizer(nn.Module):
         return dist.argmin(1)
 
     def forward(self, z, update=False):
+        z = z.float()  # distances and EMA statistics in float32, also under bf16 autocast
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
         idx = self.nearest(flat)
         q = self.codebook[idx].view(z.shape[0], z.shape[2], z.shape[3], self.dim).permute(0, 3, 1, 2)

@@ -123,3 +123,19 @@ def test_detect_without_a_trained_model_says_how_to_train_one(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "python train.py --model" in r.stderr
+
+
+def test_detect_with_mc_dropout_gives_the_same_numbers_twice(rgb_root, tmp_path):
+    out = tmp_path / "outputs"
+    subprocess.run([sys.executable, "train.py", "--model", "savae", "--category", "synthetic",
+                    "--data-root", str(rgb_root), "--size", "32", "--epochs", "1", "--prior-epochs", "1",
+                    "--batch-size", "8", "--out", str(out / "synthetic" / "savae")],
+                   cwd=ROOT, check=True, capture_output=True)
+    runs = []
+    for i in range(2):
+        results = tmp_path / f"results{i}"
+        subprocess.run([sys.executable, "detect.py", "--class", "synthetic", "--outputs", str(out),
+                        "--results", str(results), "--no-pictures", "--map", "variance_weighted+epistemic"],
+                       cwd=ROOT, check=True, capture_output=True)
+        runs.append((results / "synthetic" / "scores.csv").read_text())
+    assert runs[0] == runs[1]
