@@ -84,6 +84,9 @@ def parse_args(argv=None):
                    help="fraction of each batch given synthetic anomalies to restore (default: recipe)")
     g = p.add_argument_group("extra loss terms")
     g.add_argument("--ssim-weight", type=float, help="weight of 1 - SSIM (default: recipe)")
+    g.add_argument("--ssim-warmup", type=float, default=0.1,
+                   help="fraction of the first stage over which the SSIM weight ramps up from 0; with "
+                        "the full weight from step 0 the model sits at the mean image for epochs")
     g.add_argument("--lpips-weight", type=float, help="weight of LPIPS (default: recipe)")
     g.add_argument("--lpips-backbone", help=f"local AlexNet weights file (or ${losses.LPIPS_BACKBONE_ENV})")
     g.add_argument("--lpips-random-backbone", action="store_true",
@@ -167,6 +170,11 @@ def cosine_lr(base_lr, step, total_steps):
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
 
 
+def warmup_ramp(step, fraction, total_steps):
+    """0 -> 1 linearly over the first `fraction` of the steps, then 1 (fraction 0: always 1)."""
+    return 1.0 if fraction <= 0 else min(1.0, step / (fraction * total_steps))
+
+
 def check_finite(sums, stage, epoch):
     bad = [k for k, v in sums.items() if not math.isfinite(v)]
     if bad:
@@ -225,7 +233,8 @@ def train_epoch(net, images, sampler, optimizer, args, stage, state, total_steps
         recon = None if recon is None else recon.float()  # image losses need fp32's small constants
         if recon is not None and args.ssim_weight:
             terms["ssim"] = losses.ssim_loss(recon, x)
-            total = total + args.ssim_weight * terms["ssim"]
+            ramp = warmup_ramp(state["step"], args.ssim_warmup, total_steps)
+            total = total + ramp * args.ssim_weight * terms["ssim"]
         if recon is not None and perceptual is not None:
             terms[perceptual.name] = perceptual.distance(recon, x).mean()
             total = total + args.lpips_weight * terms[perceptual.name]
