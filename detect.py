@@ -43,7 +43,7 @@ import losses  # noqa: E402
 from models import load_model  # noqa: E402
 
 # Tried in this order when --model is not given: by image AUROC on bottle (README, Detection).
-PREFERRED_MODELS = ["dae", "vqvae", "beta_vae", "ar_savae", "savae"]
+PREFERRED_MODELS = ["dae", "vqvae", "savae", "ar_savae", "beta_vae"]
 
 
 class DetectError(Exception):
