@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
     p.add_argument("--size", type=int, default=128,
-                   help="image side in pixels; a 256 px epoch costs about 4.5x a 128 px one (DAE on CPU)")
+                   help="image side in pixels; a 256 px epoch costs about 5x a 128 px one (DAE on CPU)")
     p.add_argument("--epochs", type=int, help="autoencoder epochs (default: the model's recipe)")
     p.add_argument("--prior-epochs", type=int, help="epochs of the second stage: the prior (SAVAE, AR-SAVAE, VQ-VAE)")
     p.add_argument("--prior-lr", type=float, help="peak learning rate of the prior stage (default: recipe)")
@@ -69,9 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g = p.add_argument_group("speed")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (pays off on GPUs; the first steps compile)")
+                   help="torch.compile the training step (the first steps compile)")
     g.add_argument("--bf16", action="store_true",
-                   help="bfloat16 autocast for the forward pass (for GPUs with bf16; slower on most CPUs)")
+                   help="bfloat16 autocast for the forward pass (pays where the hardware has bf16 units: "
+                        "recent GPUs and CPUs; bench.py --profile measures it)")
     g = p.add_argument_group("model")
     g.add_argument("--latent-dim", type=int, help="latent vector size (dae, beta_vae, savae)")
     g.add_argument("--width", type=int, help="channels of the first conv layer (not vqvae)")
