@@ -37,10 +37,10 @@ from models import MODELS, build_model
 # keeps a spatial latent for sharp reconstructions, the VAEs a global one for sampling.
 DETECTION = dict(anomaly_fraction=0.5, ssim_weight=1.0)
 RECIPES = {
-    "dae":      dict(epochs=120, lr=1e-3, bottleneck="spatial", latent_dim=2048, **DETECTION),
-    "beta_vae": dict(epochs=100, lr=1e-3, **DETECTION),
-    "savae":    dict(epochs=100, lr=1e-3, prior_epochs=30, prior_lr=1e-2, **DETECTION),
-    "ar_savae": dict(epochs=80, lr=1e-3, prior_epochs=30, prior_lr=1e-2, lpips_weight=1.0, **DETECTION),
+    "dae":      dict(epochs=300, lr=1e-3, bottleneck="spatial", latent_dim=2048, **DETECTION),
+    "beta_vae": dict(epochs=250, lr=1e-3, **DETECTION),
+    "savae":    dict(epochs=200, lr=1e-3, prior_epochs=30, prior_lr=1e-2, **DETECTION),
+    "ar_savae": dict(epochs=160, lr=1e-3, prior_epochs=30, prior_lr=1e-2, lpips_weight=1.0, **DETECTION),
     "vqvae":    dict(epochs=40, lr=1e-3, prior_epochs=40, prior_lr=1e-3, **DETECTION),
 }
 
@@ -197,9 +197,11 @@ def smooth_noise_masks(n, size, coverage):
 
 
 def add_synthetic_anomalies(x, fraction):
-    """Paste shifted pieces of other training images through smooth-noise masks into the first
-    `fraction` of the batch; the model is trained to output the clean image (restoration, as in
-    DRAEM's reconstructive network, with patches from normal images as in NSA: no outside data)."""
+    """Paste shifted, recoloured pieces of other training images through smooth-noise masks into
+    the first `fraction` of the batch; the model is trained to output the clean image (restoration,
+    as in DRAEM's reconstructive network, with patches from normal images as in NSA: no outside
+    data; the random colour gain and offset make a patch foreign even where it lands on the same
+    kind of surface)."""
     k = int(round(fraction * len(x)))
     if k == 0 or len(x) < 2:
         return x
@@ -208,6 +210,10 @@ def add_synthetic_anomalies(x, fraction):
     donors = x.roll(1, dims=0)[:k]  # another image of the batch ...
     shift = torch.randint(-size // 4, size // 4 + 1, (2,)).tolist()
     donors = donors.roll(shift, dims=(2, 3))  # ... from another place, so the patch looks foreign
+    channels = 1 if torch.equal(x[:, :1].expand_as(x), x) else x.shape[1]  # grey stays grey
+    gain = torch.empty(k, channels, 1, 1).uniform_(0.5, 1.5).to(x.device)  # recoloured, so that
+    offset = torch.empty(k, channels, 1, 1).uniform_(-0.2, 0.2).to(x.device)  # stains count too
+    donors = (donors * gain + offset).clamp(0, 1)
     opacity = torch.empty(k, 1, 1, 1).uniform_(0.5, 1.0).to(x.device)
     corrupted = x[:k] * (1 - opacity * mask) + donors * opacity * mask
     return torch.cat([corrupted, x[k:]])

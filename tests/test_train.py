@@ -123,6 +123,14 @@ def test_synthetic_anomalies_change_only_the_requested_share_of_the_batch():
     assert torch.equal(train.add_synthetic_anomalies(x, 0.0), x)
 
 
+def test_synthetic_anomalies_keep_grey_images_grey():
+    """Recoloured patches must not teach a greyscale category that colour is an anomaly cue."""
+    torch.manual_seed(0)
+    grey = torch.rand(8, 1, 32, 32).expand(8, 3, 32, 32).contiguous()
+    y = train.add_synthetic_anomalies(grey, 0.5)
+    assert not torch.equal(y, grey) and torch.equal(y[:, :1].expand_as(y), y)
+
+
 @pytest.mark.parametrize("name", ["savae", "vqvae"])
 def test_bf16_autocast_trains_to_finite_losses(rgb_root, tmp_path, name):
     # no SSIM warm-up: the loss of both epochs then has the same terms and weights
