@@ -8,10 +8,11 @@ msgms (1 - multi-scale gradient-magnitude similarity), lpips (spatial LPIPS, rea
 and the model's own extras (SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll, the
 prior's -log p of each code, with the reconstruction decoded from prior-restored codes). Without
 --map, each model's default_map (ssim; SAVAE/AR-SAVAE ssim+variance_weighted; VQ-VAE
-ssim+code_nll). "a+b" averages maps,
-each standardised by the mean and std of its values on the val split. Every map is smoothed by a
-Gaussian (--sigma, pixels at the model's resolution); the image score is its maximum (or the
-mean of its top-k pixels).
+ssim+code_nll). Each map first loses its baseline: the per-pixel mean of that map over the
+training images, the error every good image has at that place (--baseline none keeps it).
+"a+b" averages maps, each standardised by the mean and std of its values on the val split.
+Every map is smoothed by a Gaussian (--sigma, pixels at the model's resolution); the image score
+is its maximum (or the mean of its top-k pixels).
 
 Threshold: the largest image score among the val images (good images never trained on). With n
 exchangeable good images the chance that a new good one scores higher is 1 / (n + 1). Predicted
@@ -160,6 +161,12 @@ def smooth(maps, sigma):
     return np.stack([cv2.GaussianBlur(m.astype(np.float32), (0, 0), sigma) for m in maps])
 
 
+def subtract_baseline(maps, baseline):
+    """Each map minus the mean map of the training images: the error a good image usually has at
+    that pixel (edges, fine texture) stops counting as evidence of a defect."""
+    return {n: m - baseline[n] for n, m in maps.items()}
+
+
 def combine(raw_test, raw_val, names):
     """One map: each map standardised with its val mean and std (never per image), averaged."""
     if len(names) == 1:
@@ -275,6 +282,8 @@ def parse_args(argv=None):
                    "(default: the model's default_map: ssim; SAVAE/AR-SAVAE ssim+variance_weighted; "
                    "VQ-VAE ssim+code_nll)")
     p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the map, pixels")
+    p.add_argument("--baseline", choices=["train", "none"], default="train",
+                   help="train: subtract from each map the per-pixel mean map of the training images")
     p.add_argument("--score", choices=["max", "topk"], default="max", help="image score from its map")
     p.add_argument("--topk", type=int, default=100, help="pixels averaged by --score topk")
     p.add_argument("--threshold", type=float, help="image/pixel threshold (default: max val score)")
@@ -326,6 +335,11 @@ def main(argv=None):
 
     raw_val, _, _ = compute_maps(model, val, names, device, args.batch_size, args.mc_passes, perceptual)
     raw_test, recons, epistemic = compute_maps(model, test, names, device, args.batch_size, args.mc_passes, perceptual)
+    if args.baseline == "train":
+        train = data.load_split(root, args.category, "train", cfg["size"], cfg["val_fraction"], cfg["seed"])
+        raw_train, _, _ = compute_maps(model, train, names, device, args.batch_size, args.mc_passes, perceptual)
+        baseline = {n: m.mean(0) for n, m in raw_train.items()}
+        raw_val, raw_test = subtract_baseline(raw_val, baseline), subtract_baseline(raw_test, baseline)
     map_test, map_val = combine(raw_test, raw_val, names)
     map_test, map_val = smooth(map_test, args.sigma), smooth(map_val, args.sigma)
     scores = image_scores(map_test, args.score, args.topk)
@@ -336,7 +350,7 @@ def main(argv=None):
     f1, false_alarms = f1_and_false_alarms(scores, labels, threshold)
     metrics = {
         "class": args.category, "model": ckpt["model_name"], "checkpoint": ckpt_path,
-        "map": args.map, "sigma": args.sigma, "score": args.score if args.score == "max" else f"top{args.topk}",
+        "map": args.map, "baseline": args.baseline, "sigma": args.sigma, "score": args.score if args.score == "max" else f"top{args.topk}",
         "resolution": cfg["size"], "test_images": len(test), "val_images": len(val),
         "image_auroc": auroc(scores, labels), "pixel_auroc": auroc(map_test, masks),
         "aupro_0.3": aupro(map_test, masks),

@@ -88,6 +88,17 @@ def test_scores_are_never_normalised_per_image():
     assert scores[0] < 0.05 < scores[1]
 
 
+def test_baseline_removes_the_error_every_good_image_has_at_the_same_place():
+    """Good images all err along one edge; once the train mean map is subtracted, a fainter
+    defect elsewhere is what stands out."""
+    train = np.zeros((4, 16, 16))
+    train[:, 0, :] = 1.0
+    test = train[:1].copy()
+    test[0, 8, 8] = 0.5
+    out = detect.subtract_baseline({"ssim": test}, {"ssim": train.mean(0)})["ssim"][0]
+    assert np.unravel_index(out.argmax(), out.shape) == (8, 8)
+
+
 @pytest.fixture(scope="module")
 def trained_dae(rgb_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs")
@@ -106,7 +117,7 @@ def test_detect_end_to_end_writes_metrics_scores_maps_and_pictures(trained_dae, 
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro_0.3", "f1", "good_false_alarm_rate"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["threshold_rule"] == "max of val image scores"
+    assert metrics["threshold_rule"] == "max of val image scores" and metrics["baseline"] == "train"
     rows = (out / "scores.csv").read_text().strip().splitlines()
     assert rows[0] == "path,defect_type,label,score,predicted_label" and len(rows) == 1 + 8
     maps = np.load(out / "maps.npz")
