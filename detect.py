@@ -5,10 +5,11 @@
 
 Maps (per pixel, higher = more anomalous): l2 (squared error), ssim (1 - SSIM, 11 x 11 window),
 msgms (1 - multi-scale gradient-magnitude similarity), lpips (spatial LPIPS, real weights only),
+feature (1 - cosine similarity of the model's own encoder features of input and reconstruction),
 and the model's own extras (SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll, the
 prior's -log p of each code, with the reconstruction decoded from prior-restored codes). Without
---map, each model's default_map (ssim; SAVAE/AR-SAVAE ssim+variance_weighted; VQ-VAE
-ssim+code_nll). Each map first loses its baseline: the per-pixel mean of that map over the
+--map, the model's default_map (README, Detection, lists them and their measured effect).
+Each map first loses its baseline: the per-pixel mean of that map over the
 training images, the error every good image has at that place (--baseline none keeps it).
 "a+b" averages maps, each standardised by the mean and std of its values on the val split.
 Every map is smoothed by a Gaussian (--sigma, pixels at the model's resolution); the image score
@@ -277,10 +278,9 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
     p.add_argument("--outputs", default="outputs", help="where train.py wrote its checkpoints")
     p.add_argument("--results", default="results", help="results go to <results>/<class>/")
-    p.add_argument("--map", help="l2, ssim, msgms, lpips, the model's own (SAVAE/AR-SAVAE: "
+    p.add_argument("--map", help="l2, ssim, msgms, lpips, feature, the model's own (SAVAE/AR-SAVAE: "
                    "variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
-                   "(default: the model's default_map: ssim; SAVAE/AR-SAVAE ssim+variance_weighted; "
-                   "VQ-VAE ssim+code_nll)")
+                   "(default: the model's default_map, printed when the run starts)")
     p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the map, pixels")
     p.add_argument("--baseline", choices=["train", "none"], default="train",
                    help="train: subtract from each map the per-pixel mean map of the training images")

@@ -8,7 +8,8 @@ Every model maps images x in [0, 1], shape (B, 3, H, W), and offers:
                None in a stage that reconstructs nothing (the VQ-VAE prior).
     reconstruct(x)  -> recon              deterministic reconstruction (eval mode)
     sample(n)       -> images             draws from the model's prior
-    anomaly_maps(x, mc_passes) -> (recon, {name: (B, 1, H, W)})   per-pixel maps, "l2" always
+    anomaly_maps(x, mc_passes) -> (recon, {name: (B, 1, H, W)})   per-pixel maps, "l2" and
+                                          "feature" always (error_maps), plus the model's own
     stages, stage_parameters(stage)       training stages (VQ-VAE fits its code prior second)
 
 MODELS maps --model names to classes; build_model / load_model rebuild them from a checkpoint.
@@ -121,10 +122,25 @@ class AutoEncoder(nn.Module):
     def stage_parameters(self, stage):
         return list(self.parameters())
 
+    def features(self, x):
+        """The model's own encoder activations, (B, C, h, w): what the `feature` map compares."""
+        raise NotImplementedError
+
+    def error_maps(self, x, recon):
+        """Maps every model offers, each (B, 1, H, W):
+            l2       = mean_c (x - recon)^2
+            feature  = 1 - cos(f(x), f(recon)) at each feature position, bilinearly upsampled:
+                       a difference measured by an encoder trained on this category alone, so a
+                       change it has learned to ignore (sensor noise, fine texture) weighs less
+                       than one it has never seen."""
+        distance = 1 - F.cosine_similarity(self.features(x), self.features(recon), dim=1)[:, None]
+        return {"l2": (x - recon).pow(2).mean(1, keepdim=True),
+                "feature": F.interpolate(distance, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
     def anomaly_maps(self, x, mc_passes=8):
         # mc_passes: Monte-Carlo passes, used by models with dropout uncertainty
         recon = self.reconstruct(x)
-        return recon, {"l2": (x - recon).pow(2).mean(1, keepdim=True)}
+        return recon, self.error_maps(x, recon)
 
 
 class LatentVectorAE(AutoEncoder):
@@ -167,6 +183,12 @@ class LatentVectorAE(AutoEncoder):
     def decode(self, z):
         return self.decoder(self.from_latent(z))
 
+    def features(self, x):
+        # the first three encoder blocks: stride 8, fine enough to localise a defect
+        for block in list(self.encoder)[:3]:
+            x = block(x)
+        return x
+
     def code_device(self):
         return self.decoder[-1].weight.device
 
@@ -178,6 +200,8 @@ class DAE(LatentVectorAE):
     Sampling:   z ~ N(m, diag v), moments of the training codes tracked as running averages
                 (a plain AE has no prior; ex-post density estimation, Ghosh et al. 2020).
     """
+
+    default_map = "ssim+feature"  # on bottle: pixel AUROC 0.978 -> 0.984 over ssim alone (README)
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -351,8 +375,8 @@ class SAVAE(LatentVectorAE):
     def anomaly_maps(self, x, mc_passes=8):
         mean, epistemic, aleatoric = self.uncertainty(x, mc_passes)
         recon = self.reconstruct(x)
-        sq = (x - recon).pow(2).mean(1, keepdim=True)
-        return recon, {"l2": sq, "variance_weighted": sq / aleatoric, "epistemic": epistemic}
+        maps = self.error_maps(x, recon)
+        return recon, {**maps, "variance_weighted": maps["l2"] / aleatoric, "epistemic": epistemic}
 
 
 class ARSAVAE(SAVAE):
@@ -598,6 +622,9 @@ class VQVAE(AutoEncoder):
     def reconstruct(self, x):
         return self.decoder(self.encode(x)[0])
 
+    def features(self, x):
+        return self.encoder(x)  # before quantisation, stride 4
+
     def decode_codes(self, codes):
         return self.decoder(self.quantizer.codebook[codes].permute(0, 3, 1, 2))
 
@@ -612,7 +639,7 @@ class VQVAE(AutoEncoder):
         restored, nll = self.prior.restore(codes, self.restore_below)
         recon = self.decode_codes(restored)
         code_nll = F.interpolate(nll[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return recon, {"l2": (x - recon).pow(2).mean(1, keepdim=True), "code_nll": code_nll}
+        return recon, {**self.error_maps(x, recon), "code_nll": code_nll}
 
 
 # ----------------------------------------------------------------------------- registry

@@ -54,7 +54,7 @@ def test_interface_shapes_and_ranges(name, batch):
     assert recon.shape == batch.shape and 0 <= recon.min() and recon.max() <= 1
     assert samples.shape == (3, 3, SIZE, SIZE) and 0 <= samples.min() and samples.max() <= 1
     assert torch.equal(samples, again)  # seeded sampling is reproducible
-    assert maps["l2"].shape == (4, 1, SIZE, SIZE)
+    assert maps["l2"].shape == maps["feature"].shape == (4, 1, SIZE, SIZE)
     assert all(m.shape == (4, 1, SIZE, SIZE) for m in maps.values())
 
 
@@ -71,6 +71,22 @@ def test_vqvae_prior_restoration_keeps_likely_codes_and_replaces_unlikely_ones()
     # the sequential -log p of each code equals the parallel (teacher-forced) cross-entropy
     expected = torch.nn.functional.cross_entropy(logits, codes, reduction="none")
     torch.testing.assert_close(nll, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_feature_map_is_zero_for_a_perfect_reconstruction_and_peaks_where_it_differs(name, batch):
+    """The model's own encoder compares input and reconstruction; a local change to the
+    reconstruction must show up at that place and nowhere far from it."""
+    model = build(name).eval()
+    changed = batch.clone()
+    changed[:, :, 4:12, 20:28] = 1 - changed[:, :, 4:12, 20:28]
+    with torch.no_grad():
+        same = model.error_maps(batch, batch)["feature"]
+        diff = model.error_maps(batch, changed)["feature"][:, 0]
+    assert same.abs().max() < 1e-5
+    peaks = [divmod(int(d.argmax()), SIZE) for d in diff]
+    assert all(0 <= r < 16 and 16 <= c < 32 for r, c in peaks), peaks
+    assert (diff[:, 24:, :12] < 1e-5).all()  # far from the change: nothing
 
 
 @pytest.mark.parametrize("name", list(models.MODELS))
