@@ -185,6 +185,31 @@ def image_scores(maps, rule, topk):
     return np.sort(flat, axis=1)[:, -topk:].mean(1)
 
 
+def detection_metrics(scores, labels, maps, masks, threshold):
+    """Image and pixel metrics of one run; an image is flagged when its score exceeds threshold."""
+    f1, false_alarms = f1_and_false_alarms(scores, labels, threshold)
+    return {
+        "image_auroc": auroc(scores, labels), "pixel_auroc": auroc(maps, masks),
+        "aupro_0.3": aupro(maps, masks), "threshold": threshold,
+        "f1": f1, "good_false_alarm_rate": false_alarms,
+        "defect_miss_rate": float((scores[labels == 1] <= threshold).mean()),
+        "oracle_f1_on_test (reference only)": oracle_f1(scores, labels),
+    }
+
+
+def write_tables(out, metrics, test, scores, maps, masks, save_maps):
+    """metrics.json, scores.csv (one row per test image) and, if asked, maps.npz."""
+    with open(out / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+    with open(out / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "defect_type", "label", "score", "predicted_label"])
+        for p, d, y, s in zip(test.paths, test.defect_types, test.labels.numpy(), scores):
+            w.writerow([p, d, int(y), f"{s:.6g}", int(s > metrics["threshold"])])
+    if save_maps:
+        np.savez_compressed(out / "maps.npz", maps=maps.astype(np.float32), masks=masks.astype(np.uint8))
+
+
 # ----------------------------------------------------------------------------- pictures
 
 def to_hwc(image_uint8):
@@ -266,6 +291,22 @@ def roc_picture(path, scores, labels, title):
     plt.close(fig)
 
 
+def write_pictures(out, category, size, test, recons, maps, scores, threshold, vmax, epistemic):
+    """One <class>_<defect>_<idx>_viz.png per test image; the predicted mask is map > threshold."""
+    unc_vmax = float(np.percentile(epistemic, 99.9)) if epistemic is not None else None
+    picture = Picture(size, vmax, threshold, epistemic is not None, unc_vmax)
+    masks, counters = test.masks[:, 0].numpy().astype(bool), {}
+    for i in tqdm(range(len(test)), desc="pictures", leave=False):
+        d = test.defect_types[i]
+        counters[d] = counters.get(d, -1) + 1
+        picture.save(out / f"{category}_{d}_{counters[d]:03d}_viz.png", to_hwc(test.images[i]),
+                     to_hwc(recons[i]), masks[i], maps[i], maps[i] > threshold,
+                     f"{d}  score {scores[i]:.4g}  threshold {threshold:.4g}  "
+                     f"{'DEFECT' if scores[i] > threshold else 'good'}",
+                     None if epistemic is None else epistemic[i])
+    plt.close(picture.fig)
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -333,63 +374,40 @@ def main(argv=None):
     print(f"{ckpt['model_name']} ({ckpt_path}): {len(test)} test / {len(val)} val images "
           f"at {cfg['size']} px, map {args.map}")
 
-    raw_val, _, _ = compute_maps(model, val, names, device, args.batch_size, args.mc_passes, perceptual)
-    raw_test, recons, epistemic = compute_maps(model, test, names, device, args.batch_size, args.mc_passes, perceptual)
+    def maps_of(split):
+        return compute_maps(model, split, names, device, args.batch_size, args.mc_passes, perceptual)
+
+    raw_val, _, _ = maps_of(val)
+    raw_test, recons, epistemic = maps_of(test)
     if args.baseline == "train":
         train = data.load_split(root, args.category, "train", cfg["size"], cfg["val_fraction"], cfg["seed"])
-        raw_train, _, _ = compute_maps(model, train, names, device, args.batch_size, args.mc_passes, perceptual)
-        baseline = {n: m.mean(0) for n, m in raw_train.items()}
+        baseline = {n: m.mean(0) for n, m in maps_of(train)[0].items()}
         raw_val, raw_test = subtract_baseline(raw_val, baseline), subtract_baseline(raw_test, baseline)
     map_test, map_val = combine(raw_test, raw_val, names)
     map_test, map_val = smooth(map_test, args.sigma), smooth(map_val, args.sigma)
     scores = image_scores(map_test, args.score, args.topk)
-    val_scores = image_scores(map_val, args.score, args.topk)
-    threshold = args.threshold if args.threshold is not None else float(val_scores.max())
+    threshold = args.threshold if args.threshold is not None else float(image_scores(map_val, args.score, args.topk).max())
     labels, masks = test.labels.numpy(), test.masks[:, 0].numpy().astype(bool)
-    predicted_masks = map_test > threshold
-    f1, false_alarms = f1_and_false_alarms(scores, labels, threshold)
     metrics = {
         "class": args.category, "model": ckpt["model_name"], "checkpoint": ckpt_path,
-        "map": args.map, "baseline": args.baseline, "sigma": args.sigma, "score": args.score if args.score == "max" else f"top{args.topk}",
+        "map": args.map, "baseline": args.baseline, "sigma": args.sigma,
+        "score": args.score if args.score == "max" else f"top{args.topk}",
         "resolution": cfg["size"], "test_images": len(test), "val_images": len(val),
-        "image_auroc": auroc(scores, labels), "pixel_auroc": auroc(map_test, masks),
-        "aupro_0.3": aupro(map_test, masks),
-        "threshold": threshold,
         "threshold_rule": "--threshold" if args.threshold is not None else "max of val image scores",
-        "f1": f1, "good_false_alarm_rate": false_alarms,
-        "defect_miss_rate": float((scores[labels == 1] <= threshold).mean()),
-        "oracle_f1_on_test (reference only)": oracle_f1(scores, labels),
+        **detection_metrics(scores, labels, map_test, masks, threshold),
     }
     out = Path(args.results) / args.category
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
-    with open(out / "scores.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "defect_type", "label", "score", "predicted_label"])
-        for p, d, y, s in zip(test.paths, test.defect_types, labels, scores):
-            w.writerow([p, d, int(y), f"{s:.6g}", int(s > threshold)])
-    if args.save_maps:
-        np.savez_compressed(out / "maps.npz", maps=map_test.astype(np.float32), masks=masks.astype(np.uint8))
+    write_tables(out, metrics, test, scores, map_test, masks, args.save_maps)
     roc_picture(out / "roc.png", scores, labels,
                 f"{args.category} {ckpt['model_name']} {args.map}: AUROC {metrics['image_auroc']:.3f}")
     vmax = float(max(threshold * 1.5, np.percentile(map_test, 99.9)))
     failure_grid(out / "failures.png", test, recons, map_test, scores, threshold, vmax)
     if not args.no_pictures:
-        unc_vmax = float(np.percentile(epistemic, 99.9)) if epistemic is not None else None
-        picture = Picture(cfg["size"], vmax, threshold, epistemic is not None, unc_vmax)
-        counters = {}
-        for i in tqdm(range(len(test)), desc="pictures", leave=False):
-            d = test.defect_types[i]
-            counters[d] = counters.get(d, -1) + 1
-            picture.save(out / f"{args.category}_{d}_{counters[d]:03d}_viz.png", to_hwc(test.images[i]),
-                         to_hwc(recons[i]), masks[i], map_test[i], predicted_masks[i],
-                         f"{d}  score {scores[i]:.4g}  threshold {threshold:.4g}  "
-                         f"{'DEFECT' if scores[i] > threshold else 'good'}",
-                         None if epistemic is None else epistemic[i])
-        plt.close(picture.fig)
+        write_pictures(out, args.category, cfg["size"], test, recons, map_test, scores, threshold, vmax, epistemic)
     print(f"image AUROC {metrics['image_auroc']:.3f}  pixel AUROC {metrics['pixel_auroc']:.3f}  "
-          f"AUPRO {metrics['aupro_0.3']:.3f}  F1 {f1:.3f}  good flagged {false_alarms:.0%}  -> {out}")
+          f"AUPRO {metrics['aupro_0.3']:.3f}  F1 {metrics['f1']:.3f}  "
+          f"good flagged {metrics['good_false_alarm_rate']:.0%}  -> {out}")
     return metrics
 
 
