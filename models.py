@@ -299,6 +299,9 @@ class SAVAE(LatentVectorAE):
     head_multiple = 2
     out_multiple = 2
     logvar_min, logvar_max = -9.0, 0.0
+    # the KL weighs 1/P per pixel, too little to stop the encoder shrinking its noise: its
+    # log-variance drifted to -91 on bottle, exp(91) overflows float32 and log q(z|x) became NaN
+    posterior_logvar_min = -20.0
 
     def __init__(self, beta=1.0, components=10, dropout=0.1, **kw):
         super().__init__(beta=beta, components=components, dropout=dropout, **kw)
@@ -309,7 +312,8 @@ class SAVAE(LatentVectorAE):
         return self.latent_dim
 
     def posterior(self, x):
-        return self.to_latent(self.encoder(x)).chunk(2, dim=1)
+        mu, logvar = self.to_latent(self.encoder(x)).chunk(2, dim=1)
+        return mu, logvar.clamp(min=self.posterior_logvar_min)
 
     def pixel_distribution(self, z):
         mean, logvar = self.decode(z).chunk(2, dim=1)

@@ -100,6 +100,20 @@ def test_default_map_names_maps_that_exist(name):
 
 
 @pytest.mark.parametrize("name", ["savae", "ar_savae"])
+def test_kl_stays_finite_when_the_encoder_asks_for_almost_no_noise(name, batch):
+    """A posterior log-variance of -100 (exp(100) overflows float32) must not turn the
+    Monte-Carlo KL into NaN: the encoder once drifted there in a long run."""
+    model = build(name)
+    head = next(m for m in model.to_latent if hasattr(m, "bias"))  # its second half is log s^2
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[head.bias.numel() // 2:] = -100.0
+    total, terms, _ = model.loss(batch)
+    assert torch.isfinite(total) and torch.isfinite(terms["kl"])
+
+
+@pytest.mark.parametrize("name", ["savae", "ar_savae"])
 def test_uncertainty_uses_dropout_and_restores_module_modes(name, batch):
     model = build(name).eval()
     with torch.no_grad():
