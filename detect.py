@@ -44,8 +44,8 @@ import data  # noqa: E402
 import losses  # noqa: E402
 from models import load_model  # noqa: E402
 
-# Tried in this order when --model is not given: by image AUROC on bottle (README, Detection).
-PREFERRED_MODELS = ["dae", "vqvae", "savae", "ar_savae", "beta_vae"]
+# Tried in this order when --model is not given: by image, then pixel AUROC on bottle (README, Detection).
+PREFERRED_MODELS = ["dae", "beta_vae", "ar_savae", "savae", "vqvae"]
 
 
 class DetectError(Exception):
