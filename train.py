@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
     p.add_argument("--size", type=int, default=128,
-                   help="image side in pixels; a 256 px epoch costs about 5x a 128 px one (DAE on CPU)")
+                   help="image side in pixels; a 256 px epoch costs about 4.4x a 128 px one (DAE on CPU)")
     p.add_argument("--epochs", type=int, help="autoencoder epochs (default: the model's recipe)")
     p.add_argument("--prior-epochs", type=int, help="epochs of the second stage: the prior (SAVAE, AR-SAVAE, VQ-VAE)")
     p.add_argument("--prior-lr", type=float, help="peak learning rate of the prior stage (default: recipe)")
