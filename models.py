@@ -212,9 +212,10 @@ class DAE(LatentVectorAE):
         target = x if target is None else target
         z = self.to_latent(self.encoder(x))
         if self.training:
-            with torch.no_grad():  # running moments of the codes, for sample()
-                self.code_mean.lerp_(z.mean(0), 0.05)
-                self.code_var.lerp_(z.var(0) if len(z) > 1 else self.code_var, 0.05)
+            with torch.no_grad():  # running moments of the codes, for sample(); float32 under autocast too
+                z32 = z.float()
+                self.code_mean.lerp_(z32.mean(0), 0.05)
+                self.code_var.lerp_(z32.var(0) if len(z) > 1 else self.code_var, 0.05)
         recon = torch.sigmoid(self.decode(z))
         mse = F.mse_loss(recon, target)
         return mse, {"mse": mse.detach()}, recon

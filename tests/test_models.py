@@ -99,6 +99,14 @@ def test_default_map_names_maps_that_exist(name):
         assert maps["code_nll"].shape == (2, 1, SIZE, SIZE) and (maps["code_nll"] >= 0).all()
 
 
+def test_dae_trains_under_bf16_autocast(batch):
+    """--bf16: the encoder's codes come out in bfloat16, its running moments stay float32."""
+    model = build("dae").train()
+    with torch.autocast("cpu", torch.bfloat16):
+        total = model.loss(batch)[0]
+    assert torch.isfinite(total) and model.code_mean.dtype == model.code_var.dtype == torch.float32
+
+
 @pytest.mark.parametrize("name", ["savae", "ar_savae"])
 def test_kl_stays_finite_when_the_encoder_asks_for_almost_no_noise(name, batch):
     """A posterior log-variance of -100 (exp(100) overflows float32) must not turn the
