@@ -3,12 +3,13 @@
     python detect.py --class bottle                      # best trained model for the class
     python detect.py --class bottle --model savae --map ssim+msgms --save-maps
 
-Maps (per pixel, higher = more anomalous): l2 (squared error), ssim (1 - SSIM, 11 x 11 window),
-msgms (1 - multi-scale gradient-magnitude similarity), lpips (spatial LPIPS, real weights only),
+Maps (per pixel, higher = more anomalous), each model's own (model.anomaly_maps): l2 (squared
+error), ssim (1 - SSIM, 11 x 11 window), msgms (1 - multi-scale gradient-magnitude similarity),
 feature (1 - cosine similarity of the model's own encoder features of input and reconstruction),
-and the model's own extras (SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll, the
-prior's -log p of each code, with the reconstruction decoded from prior-restored codes). Without
---map, the model's default_map (README, Detection, lists them and their measured effect).
+and its extras (SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll, the prior's
+-log p of each code, with the reconstruction decoded from prior-restored codes); and lpips
+(spatial LPIPS, real weights only), computed here. Without --map, the model's default_map
+(README, Detection, lists them and their measured effect).
 Each map first loses its baseline: the per-pixel mean of that map over the
 training images, the error every good image has at that place (--baseline none keeps it).
 "a+b" averages maps, each standardised by the mean and std of its values on the val split.
@@ -134,14 +135,9 @@ def compute_maps(model, split, names, device, batch_size, mc_passes, perceptual)
     for start in range(0, len(split), batch_size):
         x = data.to_float(split.images[start:start + batch_size], device)
         recon, own = model.anomaly_maps(x, mc_passes)
-        generic = {"ssim": lambda: 1 - losses.ssim_map(x, recon),
-                   "msgms": lambda: losses.msgms_map(x, recon),
-                   "lpips": lambda: perceptual(x, recon)}
         for n in names:
-            if n in own:
-                out[n].append(own[n][:, 0].float().cpu().numpy())
-            else:
-                out[n].append(generic[n]()[:, 0].float().cpu().numpy())
+            amap = perceptual.map(x, recon) if n == "lpips" else own[n]
+            out[n].append(amap[:, 0].float().cpu().numpy())
         recons.append((recon.clamp(0, 1) * 255).round().byte().cpu())
         if "epistemic" in own:
             epistemic.append(own["epistemic"][:, 0].float().cpu().numpy())
@@ -151,7 +147,7 @@ def compute_maps(model, split, names, device, batch_size, mc_passes, perceptual)
 
 @torch.inference_mode()
 def model_map_names(model, device):
-    """Names of the model's own maps, read from one tiny call (no model-name branching)."""
+    """Names of every map the model gives, read from one tiny call (no model-name branching)."""
     size = model.config["image_size"]
     return set(model.anomaly_maps(torch.zeros(1, 3, size, size, device=device), 1)[1])
 
@@ -319,7 +315,7 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
     p.add_argument("--outputs", default="outputs", help="where train.py wrote its checkpoints")
     p.add_argument("--results", default="results", help="results go to <results>/<class>/")
-    p.add_argument("--map", help="l2, ssim, msgms, lpips, feature, the model's own (SAVAE/AR-SAVAE: "
+    p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (SAVAE/AR-SAVAE: "
                    "variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
                    "(default: the model's default_map, printed when the run starts)")
     p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the map, pixels")
@@ -364,7 +360,7 @@ def main(argv=None):
     data.ensure_category(root, args.category, args.download)
     args.map = args.map or model.default_map
     names = args.map.split("+")
-    allowed = {"ssim", "msgms", "lpips"} | model_map_names(model, device)
+    allowed = {"lpips"} | model_map_names(model, device)
     if not set(names) <= allowed:
         raise DetectError(f"unknown map '{args.map}' for {ckpt['model_name']} "
                           f"(choose from {', '.join(sorted(allowed))})")

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import data
 import losses
-from models import MODELS, load_model
+from models import MODELS, load_model, ssim_map
 from train import pick_device, write_csv_atomic
 
 INCEPTION_ENV = "INCEPTION_WEIGHTS"
@@ -245,9 +245,9 @@ def reconstruction_metrics(model, images, batch_size, device, perceptual):
         x = data.to_float(images[start:start + batch_size], device)
         recon = model.reconstruct(x)
         per_image = {"mse": (recon - x).pow(2).flatten(1).mean(1),
-                     "ssim": losses.ssim_map(recon, x).flatten(1).mean(1)}
+                     "ssim": ssim_map(recon, x).flatten(1).mean(1)}
         if perceptual is not None:
-            per_image[perceptual.name] = perceptual.distance(recon, x)
+            per_image[perceptual.name] = perceptual(recon, x)
         for k, v in per_image.items():
             sums[k] = sums.get(k, 0.0) + float(v.sum())
     return {"recon_images": len(images), **{k: v / len(images) for k, v in sums.items()}}

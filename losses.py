@@ -1,120 +1,12 @@
-"""Image-space losses and maps shared by training, evaluation and detection.
+"""LPIPS (Zhang et al. 2018) for the scripts: the perceptual distance AR-SAVAE's objective weighs,
+evaluate.py's reconstruction LPIPS and detect.py's lpips map.
 
-The likelihood terms (Gaussian NLL, diagonal-Gaussian KL, Monte-Carlo KL against a mixture
-prior) live in models.py, which must need only torch; they are imported here so that every loss
-can be found in one place. Everything below works on images in [0, 1], shape (B, 3, H, W), and
-returns per-pixel maps of shape (B, 1, H, W) or per-image / batch scalars.
+The lpips package and its AlexNet weights are loaded here, never by models.py (which needs only
+torch): train.py passes the loaded network to model.loss as its `perceptual` callable.
 """
 import os
 
 import torch
-import torch.nn.functional as F
-
-from models import diagonal_gaussian_kl, gaussian_log_prob, mixture_kl_mc  # noqa: F401
-
-
-def mse(x, y):
-    return F.mse_loss(x, y)
-
-
-def gaussian_nll(x, mean, logvar):
-    # -log N(x; m, s^2), elementwise
-    return -gaussian_log_prob(x, mean, logvar)
-
-
-def squared_error_map(x, y):
-    return (x - y).pow(2).mean(1, keepdim=True)
-
-
-# ----------------------------------------------------------------------------- SSIM
-
-def gaussian_kernel(size, sigma, device=None):
-    coords = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def reflect_blur_matrix(n, kernel):
-    """Banded (n, n) matrix B: v @ B is the correlation of v with `kernel`, reflect-padded."""
-    k, r = len(kernel), len(kernel) // 2
-    if n <= r:
-        raise ValueError(f"reflect padding of {r} needs a side of more than {r} pixels, got {n}")
-    i = torch.arange(n, device=kernel.device)
-    src = (i[:, None] + torch.arange(k, device=kernel.device) - r).abs()
-    src = torch.where(src >= n, 2 * (n - 1) - src, src)  # mirrored at both ends, as F.pad "reflect"
-    b = torch.zeros(n, n, dtype=kernel.dtype, device=kernel.device)
-    return b.index_put_((src, i[:, None].expand(n, k)), kernel.expand(n, k), accumulate=True)
-
-
-def blur(x, kernel):
-    """Separable filter with reflect padding, so the map keeps the input size.
-
-    Up to 512 px a side: two products with banded matrices that hold the padding, 2-4x faster
-    than the depthwise convolution on CPU, forward and backward (bench.py). Larger: convolution.
-    """
-    h, w = x.shape[-2:]
-    if max(h, w) <= 512:
-        return reflect_blur_matrix(h, kernel).t() @ x @ reflect_blur_matrix(w, kernel)
-    c, k = x.shape[1], len(kernel)
-    x = F.pad(x, (k // 2,) * 4, mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
-    return F.conv2d(x, kernel.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
-
-
-def ssim_map(x, y, window=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
-    """SSIM (Wang et al. 2004) per pixel, averaged over channels: (B, 1, H, W), 1 = identical.
-
-    SSIM = (2 mu_x mu_y + c1)(2 s_xy + c2) / ((mu_x^2 + mu_y^2 + c1)(s_x^2 + s_y^2 + c2)),
-    local statistics under an 11 x 11 Gaussian window (sigma 1.5).
-    """
-    k = gaussian_kernel(window, sigma, x.device).to(x.dtype)
-    mu_x, mu_y = blur(x, k), blur(y, k)
-    var_x = blur(x * x, k) - mu_x ** 2
-    var_y = blur(y * y, k) - mu_y ** 2
-    cov = blur(x * y, k) - mu_x * mu_y
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return s.mean(1, keepdim=True)
-
-
-def ssim_loss(x, y):
-    return 1 - ssim_map(x, y).mean()
-
-
-# ----------------------------------------------------------------------------- MSGMS
-
-PREWITT = torch.tensor([[1.0, 0.0, -1.0]] * 3) / 3
-
-
-def gradient_magnitude(x):
-    gray = x.mean(1, keepdim=True)
-    kx = PREWITT.to(x.device, x.dtype).view(1, 1, 3, 3)
-    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
-    gx, gy = F.conv2d(padded, kx), F.conv2d(padded, kx.transpose(2, 3))
-    return torch.sqrt(gx ** 2 + gy ** 2 + 1e-12)
-
-
-def msgms_map(x, y, scales=4, c=0.0026):
-    """1 - multi-scale gradient-magnitude similarity (RIAD), (B, 1, H, W); 0 = identical.
-
-    GMS = (2 g_x g_y + c) / (g_x^2 + g_y^2 + c) with Prewitt magnitudes g, computed at
-    `scales` dyadic scales, upsampled back and averaged; c = 0.0026 as in RIAD for [0, 1] images.
-    """
-    size = x.shape[-2:]
-    total = torch.zeros_like(x[:, :1])
-    for s in range(scales):
-        if s:
-            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-        gx, gy = gradient_magnitude(x), gradient_magnitude(y)
-        gms = (2 * gx * gy + c) / (gx ** 2 + gy ** 2 + c)
-        total = total + F.interpolate(1 - gms, size=size, mode="bilinear", align_corners=False)
-    return total / scales
-
-
-def msgms_loss(x, y):
-    return msgms_map(x, y).mean()
-
-
-# ----------------------------------------------------------------------------- LPIPS
 
 LPIPS_BACKBONE_ENV = "LPIPS_BACKBONE"
 LPIPS_HELP = (
@@ -129,7 +21,7 @@ class LPIPSUnavailable(RuntimeError):
 
 
 class Perceptual:
-    """LPIPS distance (Zhang et al. 2018) between images in [0, 1], loaded lazily.
+    """LPIPS distance between images in [0, 1], as load_lpips builds it.
 
     Not an nn.Module on purpose: its frozen network must stay out of model checkpoints and
     optimizers. `random_backbone` is True when the opt-in random AlexNet is used; every metric
@@ -145,12 +37,12 @@ class Perceptual:
         return self
 
     def __call__(self, x, y):
+        """Per-image LPIPS, (B,): the callable model.loss and evaluate.py take."""
+        return self.map(x, y).flatten(1).mean(1)
+
+    def map(self, x, y):
         """LPIPS of images in [0, 1] (lpips wants [-1, 1]): (B, 1, H, W) if built spatial, else (B, 1, 1, 1)."""
         return self.net(x * 2 - 1, y * 2 - 1)
-
-    def distance(self, x, y):
-        """Per-image LPIPS, (B,)."""
-        return self(x, y).flatten(1).mean(1)
 
 
 def load_backbone(lpips_net, path):

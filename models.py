@@ -2,15 +2,19 @@
 
 Every model maps images x in [0, 1], shape (B, 3, H, W), and offers:
 
-    loss(x, target=None, stage="autoencoder") -> (total, terms, recon)
+    loss(x, target=None, stage, progress=1.0, perceptual=None) -> (total, terms, recon)
+        the whole training objective: base_loss plus, where the stage reconstructs, the image
+        terms (1 - SSIM with its warm-up ramp, LPIPS when a perceptual callable is given).
         total: scalar to minimise; terms: dict of detached scalars for logging;
         recon: the mean reconstruction of `target` (= x unless training to restore x);
-               None in a stage that reconstructs nothing (the VQ-VAE prior).
+               None in a stage that reconstructs nothing (a prior stage).
+    base_loss(x, target, stage)           the model's own terms: its likelihood or ELBO, or in a
+                                          prior stage the prior's fit (train.py's val_loss)
     reconstruct(x)  -> recon              deterministic reconstruction (eval mode)
     sample(n)       -> images             draws from the model's prior
-    anomaly_maps(x, mc_passes) -> (recon, {name: (B, 1, H, W)})   per-pixel maps, "l2" and
-                                          "feature" always (error_maps), plus the model's own
-    stages, stage_parameters(stage)       training stages (VQ-VAE fits its code prior second)
+    anomaly_maps(x, mc_passes) -> (recon, {name: (B, 1, H, W)})   every per-pixel map the model
+                                          gives: l2, ssim, msgms, feature (error_maps) + its own
+    stages, stage_parameters(stage)       training stages (the VAEs with a prior fit it second)
 
 MODELS maps --model names to classes; build_model / load_model rebuild them from a checkpoint.
 Per-pixel terms are means over pixels, so `total` is an ELBO (or loss) per pixel and the
@@ -58,6 +62,90 @@ def noise(shape, generator, device):
     return torch.randn(shape, generator=generator).to(device)
 
 
+# ----------------------------------------------------------------------------- image similarity
+
+def gaussian_kernel(size, sigma, device=None):
+    coords = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def reflect_blur_matrix(n, kernel):
+    """Banded (n, n) matrix B: v @ B is the correlation of v with `kernel`, reflect-padded."""
+    k, r = len(kernel), len(kernel) // 2
+    if n <= r:
+        raise ValueError(f"reflect padding of {r} needs a side of more than {r} pixels, got {n}")
+    i = torch.arange(n, device=kernel.device)
+    src = (i[:, None] + torch.arange(k, device=kernel.device) - r).abs()
+    src = torch.where(src >= n, 2 * (n - 1) - src, src)  # mirrored at both ends, as F.pad "reflect"
+    b = torch.zeros(n, n, dtype=kernel.dtype, device=kernel.device)
+    return b.index_put_((src, i[:, None].expand(n, k)), kernel.expand(n, k), accumulate=True)
+
+
+def blur_conv(x, kernel):
+    """Separable filter with reflect padding as two depthwise convolutions (rows, then columns)."""
+    c, k = x.shape[1], len(kernel)
+    x = F.pad(x, (k // 2,) * 4, mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
+    return F.conv2d(x, kernel.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
+
+
+def blur(x, kernel):
+    """Separable filter with reflect padding, so the map keeps the input size.
+
+    Up to 512 px a side: B_h^T x B_w, two products with banded matrices that hold the padding,
+    2-4x faster than blur_conv on CPU, forward and backward (bench.py). Larger: blur_conv.
+    """
+    h, w = x.shape[-2:]
+    if max(h, w) <= 512:
+        return reflect_blur_matrix(h, kernel).t() @ x @ reflect_blur_matrix(w, kernel)
+    return blur_conv(x, kernel)
+
+
+def ssim_map(x, y, window=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
+    """SSIM (Wang et al. 2004) per pixel, averaged over channels: (B, 1, H, W), 1 = identical.
+
+    SSIM = (2 mu_x mu_y + c1)(2 s_xy + c2) / ((mu_x^2 + mu_y^2 + c1)(s_x^2 + s_y^2 + c2)),
+    local statistics under an 11 x 11 Gaussian window (sigma 1.5).
+    """
+    k = gaussian_kernel(window, sigma, x.device).to(x.dtype)
+    mu_x, mu_y = blur(x, k), blur(y, k)
+    var_x = blur(x * x, k) - mu_x ** 2
+    var_y = blur(y * y, k) - mu_y ** 2
+    cov = blur(x * y, k) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.mean(1, keepdim=True)
+
+
+PREWITT = torch.tensor([[1.0, 0.0, -1.0]] * 3) / 3
+
+
+def gradient_magnitude(x):
+    # g = sqrt(gx^2 + gy^2) of the grey image, Prewitt gradients, replicate padding
+    gray = x.mean(1, keepdim=True)
+    kx = PREWITT.to(x.device, x.dtype).view(1, 1, 3, 3)
+    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
+    gx, gy = F.conv2d(padded, kx), F.conv2d(padded, kx.transpose(2, 3))
+    return torch.sqrt(gx ** 2 + gy ** 2 + 1e-12)
+
+
+def msgms_map(x, y, scales=4, c=0.0026):
+    """1 - multi-scale gradient-magnitude similarity (RIAD), (B, 1, H, W); 0 = identical.
+
+    GMS = (2 g_x g_y + c) / (g_x^2 + g_y^2 + c) with Prewitt magnitudes g, computed at
+    `scales` dyadic scales, upsampled back and averaged; c = 0.0026 as in RIAD for [0, 1] images.
+    """
+    size = x.shape[-2:]
+    total = torch.zeros_like(x[:, :1])
+    for s in range(scales):
+        if s:
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+        gx, gy = gradient_magnitude(x), gradient_magnitude(y)
+        gms = (2 * gx * gy + c) / (gx ** 2 + gy ** 2 + c)
+        total = total + F.interpolate(1 - gms, size=size, mode="bilinear", align_corners=False)
+    return total / scales
+
+
 # ----------------------------------------------------------------------------- shared blocks
 
 def down_block(c_in, c_out):
@@ -97,21 +185,53 @@ class ConvDecoder(nn.Sequential):
 # ----------------------------------------------------------------------------- interface
 
 class AutoEncoder(nn.Module):
-    """Base class: the interface every script uses. Subclasses set `config` for checkpoints."""
+    """Base class: the interface every script uses, and the image terms every objective adds.
+    Subclasses set `config` for checkpoints."""
 
     stages = ("autoencoder",)
     default_map = "ssim"  # the anomaly map detect.py uses unless told otherwise (README: Detection)
 
-    def __init__(self, **config):
+    def __init__(self, ssim_weight=1.0, ssim_warmup=0.1, lpips_weight=0.0, **config):
         super().__init__()
-        self.config = config  # constructor arguments, saved in checkpoints to rebuild the model
+        self.ssim_weight, self.ssim_warmup, self.lpips_weight = ssim_weight, ssim_warmup, lpips_weight
+        # constructor arguments, saved in checkpoints to rebuild the model
+        self.config = dict(ssim_weight=ssim_weight, ssim_warmup=ssim_warmup, lpips_weight=lpips_weight, **config)
 
-    def loss(self, x, target=None, stage="autoencoder"):
+    def base_loss(self, x, target, stage="autoencoder"):
         raise NotImplementedError
 
-    def forward(self, x, target=None, stage="autoencoder"):
+    def loss(self, x, target=None, stage="autoencoder", progress=1.0, perceptual=None):
+        """The training objective, where the stage reconstructs (base_loss returns a recon):
+
+            L = L_base + r * w_ssim * (1 - mean SSIM(recon, target)) + w_lpips * LPIPS(recon, target)
+
+        r = min(1, progress / ssim_warmup) ramps the SSIM term in over the first `ssim_warmup` of
+        the stage (progress = fraction of its steps done): with the full weight from the first
+        step the DAE sat at the mean image for epochs (README). perceptual: optional callable
+        (recon, target) -> per-image distance (B,) with a `name` for the logs; passed in, never
+        stored, so its frozen network stays out of checkpoints and optimizers. The image terms run
+        in float32 even under autocast: their small constants need float32's precision.
+        """
+        target = x if target is None else target
+        total, terms, recon = self.base_loss(x, target, stage)
+        if recon is None:
+            return total, terms, recon
+        recon = recon.float()
+        with torch.autocast(recon.device.type, enabled=False):
+            if self.ssim_weight:
+                ssim = 1 - ssim_map(recon, target).mean()
+                ramp = 1.0 if self.ssim_warmup <= 0 else min(1.0, progress / self.ssim_warmup)
+                total = total + ramp * self.ssim_weight * ssim
+                terms["ssim"] = ssim.detach()
+            if perceptual is not None and self.lpips_weight:
+                distance = perceptual(recon, target).mean()
+                total = total + self.lpips_weight * distance
+                terms[perceptual.name] = distance.detach()
+        return total, terms, recon
+
+    def forward(self, x, target=None, stage="autoencoder", progress=1.0, perceptual=None):
         # forward is the loss, so DistributedDataParallel's gradient hooks wrap the real work
-        return self.loss(x, target, stage)
+        return self.loss(x, target, stage, progress, perceptual)
 
     def reconstruct(self, x):
         raise NotImplementedError
@@ -127,14 +247,18 @@ class AutoEncoder(nn.Module):
         raise NotImplementedError
 
     def error_maps(self, x, recon):
-        """Maps every model offers, each (B, 1, H, W):
+        """Maps every model offers, each (B, 1, H, W), higher = more different:
             l2       = mean_c (x - recon)^2
+            ssim     = 1 - SSIM(x, recon), 11 x 11 Gaussian window
+            msgms    = 1 - multi-scale gradient-magnitude similarity
             feature  = 1 - cos(f(x), f(recon)) at each feature position, bilinearly upsampled:
                        a difference measured by an encoder trained on this category alone, so a
                        change it has learned to ignore (sensor noise, fine texture) weighs less
                        than one it has never seen."""
         distance = 1 - F.cosine_similarity(self.features(x), self.features(recon), dim=1)[:, None]
         return {"l2": (x - recon).pow(2).mean(1, keepdim=True),
+                "ssim": 1 - ssim_map(x, recon),
+                "msgms": msgms_map(x, recon),
                 "feature": F.interpolate(distance, size=x.shape[-2:], mode="bilinear", align_corners=False)}
 
     def anomaly_maps(self, x, mc_passes=8):
@@ -196,7 +320,7 @@ class LatentVectorAE(AutoEncoder):
 class DAE(LatentVectorAE):
     """Deterministic autoencoder.
 
-    Objective:  L = mean_pixels (x - D(E(x)))^2
+    Objective:  L_base = mean_pixels (x - D(E(x)))^2, plus the image terms (AutoEncoder.loss)
     Sampling:   z ~ N(m, diag v), moments of the training codes tracked as running averages
                 (a plain AE has no prior; ex-post density estimation, Ghosh et al. 2020).
     """
@@ -208,8 +332,7 @@ class DAE(LatentVectorAE):
         self.register_buffer("code_mean", torch.zeros(self.latent_dim))
         self.register_buffer("code_var", torch.ones(self.latent_dim))
 
-    def loss(self, x, target=None, stage="autoencoder"):
-        target = x if target is None else target
+    def base_loss(self, x, target, stage="autoencoder"):
         z = self.to_latent(self.encoder(x))
         if self.training:
             with torch.no_grad():  # running moments of the codes, for sample(); float32 under autocast too
@@ -231,7 +354,7 @@ class DAE(LatentVectorAE):
 class BetaVAE(LatentVectorAE):
     """beta-VAE with a diagonal-Gaussian posterior and an N(0, I) prior.
 
-    Objective (per pixel):  L = mean_pixels (x - D(z))^2 + beta * KL(q(z|x) || N(0, I)) / P,
+    Objective (per pixel):  L_base = mean_pixels (x - D(z))^2 + beta * KL(q(z|x) || N(0, I)) / P,
                             z ~ q(z|x) = N(mu(x), diag s^2(x))
     """
 
@@ -244,8 +367,7 @@ class BetaVAE(LatentVectorAE):
     def posterior(self, x):
         return self.to_latent(self.encoder(x)).chunk(2, dim=1)
 
-    def loss(self, x, target=None, stage="autoencoder"):
-        target = x if target is None else target
+    def base_loss(self, x, target, stage="autoencoder"):
         mu, logvar = self.posterior(x)
         recon = torch.sigmoid(self.decode(reparameterize(mu, logvar)))
         mse = F.mse_loss(recon, target)
@@ -287,7 +409,7 @@ class SAVAE(LatentVectorAE):
     """VAE with a mixture-of-Gaussians prior, a heteroscedastic decoder and MC dropout.
 
     Decoder:    p(x|z) = N(x; mu(z), diag s^2(z)), log s^2 clamped to [logvar_min, logvar_max]
-    Objective:  L = mean_pixels -log N(x; mu, s^2) + beta * [log q(z|x) - log p(z)] / P,
+    Objective:  L_base = mean_pixels -log N(x; mu, s^2) + beta * [log q(z|x) - log p(z)] / P,
                 p(z) a K-component Gaussian mixture, KL by one Monte-Carlo sample.
     Uncertainty (T passes with dropout on):  epistemic = Var_t[mu_t],  aleatoric = E_t[s_t^2].
     Stage 2 ("prior"): with the autoencoder frozen, fit p(z) alone to the posterior,
@@ -341,8 +463,7 @@ class SAVAE(LatentVectorAE):
         kl = self.kl(z, mu, logvar).mean()  # only -log p(z) depends on the prior's parameters
         return kl, {"prior_kl": kl.detach()}, None
 
-    def loss(self, x, target=None, stage="autoencoder"):
-        target = x if target is None else target
+    def base_loss(self, x, target, stage="autoencoder"):
         if stage == "prior":
             return self.prior_loss(target)
         mu, logvar = self.posterior(x)
@@ -389,18 +510,19 @@ class ARSAVAE(SAVAE):
 
     Prior:      p(z_s) p(z_1 | z_s) prod_{k>1} p(z_k | z_<k, z_s)
                 p(z_s): Gaussian mixture; p(z_k | .) = N(m_k, s_k^2) from a GRU over z_<k, z_s
-    Objective:  L = mean_pixels -log N(x; mu, s^2)
-                    + beta * [log q(z_s, z_1..K | x) - log p(z_s, z_1..K)] / P
-                    + lambda * LPIPS(x, mu)   (added by train.py: it needs the lpips package)
+    Objective:  L_base = mean_pixels -log N(x; mu, s^2)
+                         + beta * [log q(z_s, z_1..K | x) - log p(z_s, z_1..K)] / P,
+                plus the image terms, here with LPIPS(x, mu) at lpips_weight = 1 (AutoEncoder.loss;
+                the LPIPS network is passed in as `perceptual`, models.py does not load it)
     Sampling:   ancestral, z_s ~ p(z_s), then z_1, ..., z_K in order.
     """
 
-    def __init__(self, scene_dim=64, slots=4, slot_dim=16, **kw):
+    def __init__(self, scene_dim=64, slots=4, slot_dim=16, lpips_weight=1.0, **kw):
         kw.setdefault("latent_dim", scene_dim + slots * slot_dim)
         if kw["latent_dim"] != scene_dim + slots * slot_dim:
             raise ValueError("latent_dim must equal scene_dim + slots * slot_dim")
         self.scene_dim, self.slots, self.slot_dim = scene_dim, slots, slot_dim
-        super().__init__(scene_dim=scene_dim, slots=slots, slot_dim=slot_dim, **kw)
+        super().__init__(scene_dim=scene_dim, slots=slots, slot_dim=slot_dim, lpips_weight=lpips_weight, **kw)
         hidden = 128
         self.prior_init = nn.Linear(scene_dim, hidden)
         self.prior_rnn = nn.GRUCell(slot_dim, hidden)
@@ -577,8 +699,8 @@ class VQVAE(AutoEncoder):
 
     Encoder: Conv(3,h,4,2,1)-ReLU-Conv(h,h,4,2,1)-ReLU-Conv(h,D,3,1,1); codebook 512 x 64.
     Decoder: ConvT(D,h,3,1,1)-ReLU-ConvT(h,h,4,2,1)-ReLU-ConvT(h,3,4,2,1)-Sigmoid.
-    Stage 1:  L = mean_pixels (x - D(q(E(x))))^2 + ||sg(z) - e||^2 + beta ||z - sg(e)||^2
-              (the codebook term is replaced by EMA updates when ema=True).
+    Stage 1:  L_base = mean_pixels (x - D(q(E(x))))^2 + ||sg(z) - e||^2 + beta ||z - sg(e)||^2
+              (the codebook term is replaced by EMA updates when ema=True), plus the image terms.
     Stage 2:  fit p(c) = prod_ij p(c_ij | c_<ij) to the code maps of the training images.
     sample(n): c ~ p(c), x = D(e_c).
     """
@@ -588,9 +710,9 @@ class VQVAE(AutoEncoder):
     default_map = "ssim+code_nll"
 
     def __init__(self, image_size=128, hidden=128, codes=512, code_dim=64, beta=0.25, ema=True,
-                 prior_window=9):
+                 prior_window=9, **objective):
         super().__init__(image_size=image_size, hidden=hidden, codes=codes, code_dim=code_dim,
-                         beta=beta, ema=ema, prior_window=prior_window)
+                         beta=beta, ema=ema, prior_window=prior_window, **objective)
         if image_size % 4:
             raise ValueError(f"image size must be a multiple of 4, got {image_size}")
         h, d = hidden, code_dim
@@ -612,8 +734,7 @@ class VQVAE(AutoEncoder):
     def encode(self, x, update=False):
         return self.quantizer(self.encoder(x), update)
 
-    def loss(self, x, target=None, stage="autoencoder"):
-        target = x if target is None else target
+    def base_loss(self, x, target, stage="autoencoder"):
         if stage == "prior":
             with torch.no_grad():  # the autoencoder is frozen while its code prior is fitted
                 codes = self.encode(target)[1]

@@ -83,7 +83,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("defect-detection recipe")
     g.add_argument("--anomaly-fraction", type=float,
                    help="fraction of each batch given synthetic anomalies to restore (default: recipe)")
-    g = p.add_argument_group("extra loss terms")
+    g = p.add_argument_group("image terms of the objective (model.loss)")
     g.add_argument("--ssim-weight", type=float, help="weight of 1 - SSIM (default: recipe)")
     g.add_argument("--ssim-warmup", type=float, default=0.1,
                    help="fraction of the first stage over which the SSIM weight ramps up from 0; with "
@@ -107,7 +107,8 @@ def parse_args(argv=None):
 def model_args(args):
     """Constructor arguments given on the command line that the chosen model accepts."""
     given = {"image_size": args.size, "latent_dim": args.latent_dim, "width": args.width,
-             "beta": args.beta, "ema": False if args.no_ema else None, "bottleneck": args.bottleneck}
+             "beta": args.beta, "ema": False if args.no_ema else None, "bottleneck": args.bottleneck,
+             "ssim_weight": args.ssim_weight, "ssim_warmup": args.ssim_warmup, "lpips_weight": args.lpips_weight}
     cls = MODELS[args.model]
     accepted = {name for klass in cls.__mro__ if "__init__" in vars(klass)
                 for name in inspect.signature(klass.__init__).parameters}
@@ -171,11 +172,6 @@ def cosine_lr(base_lr, step, total_steps):
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
 
 
-def warmup_ramp(step, fraction, total_steps):
-    """0 -> 1 linearly over the first `fraction` of the steps, then 1 (fraction 0: always 1)."""
-    return 1.0 if fraction <= 0 else min(1.0, step / (fraction * total_steps))
-
-
 def check_finite(sums, stage, epoch):
     bad = [k for k, v in sums.items() if not math.isfinite(v)]
     if bad:
@@ -235,16 +231,10 @@ def train_epoch(net, images, sampler, optimizer, args, stage, state, total_steps
         inputs = add_synthetic_anomalies(x, args.anomaly_fraction) if stage == "autoencoder" else x
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(state["lr"], state["step"], total_steps)
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):  # the network only
-            total, terms, recon = net(inputs, target=x, stage=stage)
-        recon = None if recon is None else recon.float()  # image losses need fp32's small constants
-        if recon is not None and args.ssim_weight:
-            terms["ssim"] = losses.ssim_loss(recon, x)
-            ramp = warmup_ramp(state["step"], args.ssim_warmup, total_steps)
-            total = total + ramp * args.ssim_weight * terms["ssim"]
-        if recon is not None and perceptual is not None:
-            terms[perceptual.name] = perceptual.distance(recon, x).mean()
-            total = total + args.lpips_weight * terms[perceptual.name]
+        # the model's objective (model.loss), its image terms in float32 also under --bf16
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+            total, terms, _ = net(inputs, target=x, stage=stage, progress=state["step"] / total_steps,
+                                  perceptual=perceptual)
         terms["loss"] = total
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -263,12 +253,13 @@ def train_epoch(net, images, sampler, optimizer, args, stage, state, total_steps
 
 @torch.inference_mode()
 def validate(model, images, args, stage, device):
-    """Validation loss of the current stage and reconstruction MSE, means over val images."""
+    """Validation loss of the current stage and reconstruction MSE, means over val images. The
+    loss is the model's own terms (base_loss), without the image terms whose weight ramps up."""
     model.eval()
     loss_sum, mse_sum = 0.0, 0.0
     for start in range(0, len(images), args.batch_size):
         x = data.to_float(images[start:start + args.batch_size], device)
-        loss_sum += float(model.loss(x, stage=stage)[0]) * len(x)
+        loss_sum += float(model.base_loss(x, x, stage)[0]) * len(x)
         mse_sum += float((model.reconstruct(x) - x).pow(2).mean()) * len(x)
     return {"val_loss": loss_sum / len(images), "val_mse": mse_sum / len(images)}
 

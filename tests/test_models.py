@@ -1,4 +1,5 @@
-"""models.py: the shared interface holds for every model, losses fall, priors sample, VQ details."""
+"""models.py: the shared interface holds for every model, the objective and its image terms, SSIM,
+losses fall, priors sample, VQ details."""
 import ast
 
 import pytest
@@ -90,11 +91,12 @@ def test_feature_map_is_zero_for_a_perfect_reconstruction_and_peaks_where_it_dif
 
 
 @pytest.mark.parametrize("name", list(models.MODELS))
-def test_default_map_names_maps_that_exist(name):
+def test_default_map_names_maps_the_model_gives(name):
     model = build(name).eval()
     with torch.no_grad():
         _, maps = model.anomaly_maps(torch.rand(2, 3, SIZE, SIZE), 2)
-    assert set(model.default_map.split("+")) <= set(maps) | {"ssim", "msgms"}  # + detect.py's own
+    assert {"l2", "ssim", "msgms", "feature"} <= set(maps)
+    assert set(model.default_map.split("+")) <= set(maps)
     if name == "vqvae":
         assert maps["code_nll"].shape == (2, 1, SIZE, SIZE) and (maps["code_nll"] >= 0).all()
 
@@ -236,3 +238,90 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path, batch):
     loaded, _ = models.load_model(tmp_path / "c.pt")
     with torch.no_grad():
         assert torch.equal(model.reconstruct(batch), loaded.reconstruct(batch))
+
+
+# ----------------------------------------------------------------------------- the objective
+
+class FakePerceptual:
+    """A perceptual callable as model.loss takes it: per-image distances, and a name for the logs."""
+
+    name = "fake"
+
+    def __call__(self, x, y):
+        return (x - y).abs().flatten(1).mean(1)
+
+
+def test_loss_is_base_loss_plus_the_ramped_ssim_term(batch):
+    model = build("dae", ssim_weight=2.0, ssim_warmup=0.1).eval()
+    with torch.no_grad():
+        base, _, recon = model.base_loss(batch, batch)
+        ssim = 1 - models.ssim_map(recon, batch).mean()
+        for progress, ramp in [(0.0, 0.0), (0.05, 0.5), (0.1, 1.0), (0.7, 1.0)]:
+            total, terms, _ = model.loss(batch, progress=progress)
+            torch.testing.assert_close(total, base + ramp * 2.0 * ssim)
+            torch.testing.assert_close(terms["ssim"], ssim)
+    no_ramp = build("dae", ssim_warmup=0.0).eval()
+    no_ssim = build("dae", ssim_weight=0.0).eval()
+    with torch.no_grad():
+        assert no_ramp.loss(batch, progress=0.0)[0] > no_ramp.base_loss(batch, batch)[0]  # full weight at once
+        total, terms, _ = no_ssim.loss(batch)
+        assert "ssim" not in terms and torch.equal(total, no_ssim.base_loss(batch, batch)[0])
+
+
+def test_lpips_term_comes_from_the_callable_passed_in_and_stays_out_of_the_state_dict(batch):
+    model = build("ar_savae")  # lpips_weight 1 by default
+    keys = set(model.state_dict())
+    torch.manual_seed(0)
+    without = model.loss(batch)
+    torch.manual_seed(0)
+    total, terms, recon = model.loss(batch, perceptual=FakePerceptual())
+    torch.testing.assert_close(terms["fake"], (recon - batch).abs().mean().detach())
+    torch.testing.assert_close(total, without[0] + terms["fake"])
+    assert set(model.state_dict()) == keys
+    assert "fake" not in build("dae").loss(batch, perceptual=FakePerceptual())[1]  # lpips_weight 0
+
+
+def test_prior_stage_has_no_image_terms(batch):
+    model = build("vqvae")
+    total, terms, recon = model.loss(batch, stage="prior", perceptual=FakePerceptual())
+    assert recon is None and set(terms) == {"prior_nll"}
+
+
+def test_image_terms_stay_in_float32_under_bf16_autocast(batch):
+    model = build("dae")
+    with torch.autocast("cpu", torch.bfloat16):
+        _, terms, recon = model.loss(batch)
+    assert recon.dtype == torch.float32
+    torch.testing.assert_close(terms["ssim"], 1 - models.ssim_map(recon, batch).mean())
+
+
+# ----------------------------------------------------------------------------- SSIM and its blur
+
+def test_ssim_is_one_for_identical_images_symmetric_and_falls_with_noise():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 40, 48)
+    torch.testing.assert_close(models.ssim_map(x, x), torch.ones(2, 1, 40, 48))
+    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    z = (x + 0.3 * torch.randn_like(x)).clamp(0, 1)
+    torch.testing.assert_close(models.ssim_map(x, y), models.ssim_map(y, x))
+    assert 1 > models.ssim_map(x, y).mean() > models.ssim_map(x, z).mean()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 1, 20, 57), (3, 2, 9, 64)])
+def test_banded_matrix_blur_equals_the_reflect_padded_convolution(shape):
+    torch.manual_seed(0)
+    x = torch.rand(shape, dtype=torch.float64)
+    kernel = models.gaussian_kernel(11, 1.5).double()
+    torch.testing.assert_close(models.blur(x, kernel), models.blur_conv(x, kernel))
+    odd = torch.tensor([0.1, 0.5, 0.2, 0.15, 0.05], dtype=torch.float64)  # not symmetric: orientation counts
+    torch.testing.assert_close(models.blur(x, odd), models.blur_conv(x, odd))
+
+
+def test_msgms_is_zero_for_identical_images_and_marks_a_changed_patch():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32)
+    assert models.msgms_map(x, x).abs().max() < 1e-6
+    y = x.clone()
+    y[:, :, 4:10, 20:28] = 0.5
+    diff = models.msgms_map(x, y)[0, 0]
+    assert diff[4:10, 20:28].mean() > 5 * diff[20:, :12].mean()

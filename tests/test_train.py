@@ -140,9 +140,3 @@ def test_bf16_autocast_trains_to_finite_losses(rgb_root, tmp_path, name):
     first, last = [r for r in rows(tmp_path) if r["stage"] == "autoencoder"]
     assert float(last["train_loss"]) < float(first["train_loss"])
 
-
-def test_ssim_warmup_ramps_from_zero_to_the_full_weight():
-    assert train.warmup_ramp(0, 0.1, 1000) == 0.0
-    assert train.warmup_ramp(50, 0.1, 1000) == pytest.approx(0.5)
-    assert train.warmup_ramp(100, 0.1, 1000) == train.warmup_ramp(900, 0.1, 1000) == 1.0
-    assert train.warmup_ramp(0, 0.0, 1000) == 1.0  # --ssim-warmup 0: full weight from the start
