@@ -43,10 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import data  # noqa: E402
 import losses  # noqa: E402
-from models import load_model  # noqa: E402
-
-# Tried in this order when --model is not given: by image, then pixel AUROC on bottle (README, Detection).
-PREFERRED_MODELS = ["dae", "beta_vae", "ar_savae", "savae", "vqvae"]
+from models import MODELS, load_model  # noqa: E402
 
 
 class DetectError(Exception):
@@ -309,7 +306,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Localise defects of one MVTec AD class from reconstruction error.",
                                 formatter_class=data.HelpFormatter)
     p.add_argument("--class", dest="category", required=True, help="MVTec AD class, e.g. bottle")
-    p.add_argument("--model", help="model name (default: the best trained one for the class)")
+    p.add_argument("--model", choices=list(MODELS),
+                   help="model name (default: the first trained one for the class, in the order "
+                        f"{', '.join(MODELS)}: best first, measured on bottle)")
     p.add_argument("--checkpoint", help="checkpoint file (default: <outputs>/<class>/<model>/best.pt)")
     p.add_argument("--data-root", help="folder holding the categories (default: the checkpoint's)")
     p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
@@ -335,16 +334,18 @@ def parse_args(argv=None):
 
 
 def find_checkpoint(args):
+    """--checkpoint, else best.pt (or checkpoint.pt) of --model, else of the first model in
+    MODELS' order that has been trained for the class."""
     if args.checkpoint:
         if not os.path.isfile(args.checkpoint):
             raise DetectError(f"checkpoint '{args.checkpoint}' not found")
         return args.checkpoint
-    for name in ([args.model] if args.model else PREFERRED_MODELS):
+    for name in ([args.model] if args.model else MODELS):
         for file in ("best.pt", "checkpoint.pt"):
             path = Path(args.outputs) / args.category / name / file
             if path.is_file():
                 return str(path)
-    model = args.model or PREFERRED_MODELS[0]
+    model = args.model or next(iter(MODELS))
     raise DetectError(f"no trained model for class '{args.category}' under '{args.outputs}'; train one "
                       f"first: python train.py --model {model} --category {args.category}")
 

@@ -13,7 +13,6 @@ Writes to --out (default outputs/<category>/<model>/):
 """
 import argparse
 import csv
-import inspect
 import math
 import os
 import sys
@@ -32,87 +31,110 @@ import data
 import losses
 from models import MODELS, build_model
 
-# Per-model training defaults. Every default run on bottle at 128 px takes < 10 min on 2 CPU cores.
-# All restore synthetic anomalies (anomaly_fraction) with an SSIM term; the DAE, the detector,
-# keeps a spatial latent for sharp reconstructions, the VAEs a global one for sampling.
-DETECTION = dict(anomaly_fraction=0.5, ssim_weight=1.0)
-RECIPES = {
-    "dae":      dict(epochs=300, lr=1e-3, bottleneck="spatial", latent_dim=2048, **DETECTION),
-    "beta_vae": dict(epochs=250, lr=1e-3, **DETECTION),
-    "savae":    dict(epochs=200, lr=1e-3, prior_epochs=30, prior_lr=1e-2, **DETECTION),
-    "ar_savae": dict(epochs=160, lr=1e-3, prior_epochs=30, prior_lr=1e-2, lpips_weight=1.0, **DETECTION),
-    "vqvae":    dict(epochs=40, lr=1e-3, prior_epochs=40, prior_lr=1e-3, **DETECTION),
-}
+
+# ----------------------------------------------------------------------------- options
+
+def stage_option(index, stage, what):
+    """The option that sets a stage's `what` (epochs, lr): --epochs/--lr for the first stage,
+    --<stage>-epochs/--<stage>-lr for each later one (--prior-epochs, ...)."""
+    return what if index == 0 else f"{stage}_{what}"
+
+
+def recipe_defaults(cls):
+    """The option values a model's recipe gives: epochs and lr of each stage (a later stage the
+    recipe does not name runs like the first), and anomaly_fraction."""
+    recipe, values = cls.recipe, {"anomaly_fraction": cls.recipe["anomaly_fraction"]}
+    for index, stage in enumerate(cls.stages):
+        for what in ("epochs", "lr"):
+            values[stage_option(index, stage, what)] = recipe.get(stage_option(index, stage, what), recipe[what])
+    return values
+
+
+def per_model(key):
+    """'dae 300, beta_vae 250, ...': each model's default for an option, for --help."""
+    return ", ".join(f"{name} {recipe_defaults(cls)[key]}" for name, cls in MODELS.items()
+                     if key in recipe_defaults(cls))
+
+
+class Parser(argparse.ArgumentParser):
+    """--help ends with every model's constructor defaults. They are read from a default-built
+    instance of each model (its config), so only when help is asked for."""
+
+    def format_help(self):
+        lines = [f"  {name:9s} " + ", ".join(f"{k}={v}" for k, v in cls().config.items() if k != "image_size")
+                 for name, cls in MODELS.items()]
+        self.epilog = "each model's constructor defaults (the model options change them):\n" + "\n".join(lines)
+        return super().format_help()
 
 
 def parse_args(argv=None):
-    recipes = "\n".join(f"  {name:9s} " + ", ".join(f"{k}={v}" for k, v in r.items())
-                         for name, r in RECIPES.items())
-    p = argparse.ArgumentParser(description="Train an autoencoder on one MVTec AD category.",
-                                epilog=f"recipes (defaults per model):\n{recipes}",
-                                formatter_class=data.HelpFormatter)
-    p.add_argument("--model", required=True, choices=list(MODELS))
+    later = {}  # every stage that follows a model's first -> the models that have it
+    for name, cls in MODELS.items():
+        for stage in cls.stages[1:]:
+            later.setdefault(stage, []).append(name)
+    p = Parser(description="Train an autoencoder on one MVTec AD category.", formatter_class=data.HelpFormatter)
+    p.add_argument("--model", required=True, choices=list(MODELS), help="which model (models.py)")
     p.add_argument("--category", required=True, help="MVTec AD category, e.g. bottle")
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
     p.add_argument("--size", type=int, default=128,
                    help="image side in pixels; a 256 px epoch costs about 4.4x a 128 px one (DAE on CPU)")
-    p.add_argument("--epochs", type=int, help="autoencoder epochs (default: the model's recipe)")
-    p.add_argument("--prior-epochs", type=int, help="epochs of the second stage: the prior (SAVAE, AR-SAVAE, VQ-VAE)")
-    p.add_argument("--prior-lr", type=float, help="peak learning rate of the prior stage (default: recipe)")
     p.add_argument("--batch-size", type=int, default=16, help="total over all processes")
-    p.add_argument("--lr", type=float, help="peak learning rate, cosine-decayed (default: recipe)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the weights, the val split, the shuffling and the synthetic anomalies")
     p.add_argument("--val-fraction", type=float, default=0.1, help="train/good held out for validation")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="output folder (default outputs/<category>/<model>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g = p.add_argument_group("schedule (default: the model's recipe, values in brackets)")
+    g.add_argument("--epochs", type=int, help=f"epochs of the first stage ({per_model('epochs')})")
+    g.add_argument("--lr", type=float,
+                   help=f"peak learning rate of the first stage, cosine-decayed to 0 ({per_model('lr')})")
+    for stage, names in later.items():
+        g.add_argument(f"--{stage}-epochs", type=int,
+                       help=f"epochs of the '{stage}' stage of {', '.join(names)} ({per_model(f'{stage}_epochs')})")
+        g.add_argument(f"--{stage}-lr", type=float,
+                       help=f"peak learning rate of the '{stage}' stage ({per_model(f'{stage}_lr')})")
+    g.add_argument("--anomaly-fraction", type=float,
+                   help="fraction of each first-stage batch given synthetic anomalies to restore "
+                        f"({per_model('anomaly_fraction')})")
     g = p.add_argument_group("speed")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (the first steps compile)")
     g.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast for the forward pass (pays where the hardware has bf16 units: "
                         "recent GPUs and CPUs; bench.py --profile measures it)")
-    g = p.add_argument_group("model")
-    g.add_argument("--latent-dim", type=int, help="latent vector size (dae, beta_vae, savae)")
+    g = p.add_argument_group("model (default: the model's own, listed below; a model that does not take "
+                             "an option given here stops with an error)")
+    g.add_argument("--latent-dim", type=int, help="latent size (dae, beta_vae, savae, ar_savae)")
     g.add_argument("--width", type=int, help="channels of the first conv layer (not vqvae)")
-    g.add_argument("--bottleneck", choices=["vector", "spatial"],
-                   help="latent layout of dae/beta_vae/savae (default: recipe)")
+    g.add_argument("--bottleneck", choices=["vector", "spatial"], help="latent layout (not vqvae)")
     g.add_argument("--beta", type=float, help="KL weight (VAEs) or commitment weight (VQ-VAE)")
     g.add_argument("--no-ema", action="store_true", help="VQ-VAE: learn the codebook by gradient")
-    g = p.add_argument_group("defect-detection recipe")
-    g.add_argument("--anomaly-fraction", type=float,
-                   help="fraction of each batch given synthetic anomalies to restore (default: recipe)")
-    g = p.add_argument_group("image terms of the objective (model.loss)")
-    g.add_argument("--ssim-weight", type=float, help="weight of 1 - SSIM (default: recipe)")
-    g.add_argument("--ssim-warmup", type=float, default=0.1,
-                   help="fraction of the first stage over which the SSIM weight ramps up from 0; with "
-                        "the full weight from step 0 the model sits at the mean image for epochs")
-    g.add_argument("--lpips-weight", type=float, help="weight of LPIPS (default: recipe)")
+    g.add_argument("--ssim-weight", type=float, help="weight of 1 - SSIM in the objective")
+    g.add_argument("--ssim-warmup", type=float,
+                   help="fraction of a stage over which the SSIM weight ramps up from 0; with the full "
+                        "weight from step 0 the model sits at the mean image for epochs")
+    g.add_argument("--lpips-weight", type=float, help="weight of LPIPS in the objective")
+    g = p.add_argument_group("LPIPS network (loaded when the objective weighs LPIPS)")
     g.add_argument("--lpips-backbone", help=f"local AlexNet weights file (or ${losses.LPIPS_BACKBONE_ENV})")
     g.add_argument("--lpips-random-backbone", action="store_true",
                    help="allow a randomly initialised LPIPS backbone (logged as lpips_random)")
     args = p.parse_args(argv)
-    recipe = RECIPES[args.model]
-    for key in ("epochs", "lr", "prior_epochs", "prior_lr", "lpips_weight", "anomaly_fraction", "ssim_weight"):
+    for key, value in recipe_defaults(MODELS[args.model]).items():
         if getattr(args, key) is None:
-            setattr(args, key, recipe.get(key, 0))
-    for key in ("bottleneck", "latent_dim"):  # model arguments: None leaves the model's default
-        if getattr(args, key) is None:
-            setattr(args, key, recipe.get(key))
+            setattr(args, key, value)
     args.out = args.out or str(Path("outputs") / args.category / args.model)
     return args
 
 
 def model_args(args):
-    """Constructor arguments given on the command line that the chosen model accepts."""
-    given = {"image_size": args.size, "latent_dim": args.latent_dim, "width": args.width,
-             "beta": args.beta, "ema": False if args.no_ema else None, "bottleneck": args.bottleneck,
-             "ssim_weight": args.ssim_weight, "ssim_warmup": args.ssim_warmup, "lpips_weight": args.lpips_weight}
-    cls = MODELS[args.model]
-    accepted = {name for klass in cls.__mro__ if "__init__" in vars(klass)
-                for name in inspect.signature(klass.__init__).parameters}
-    return {k: v for k, v in given.items() if v is not None and k in accepted}
+    """Constructor arguments: the image size, and each model option that was given (the model's
+    own default otherwise). build_model refuses one the model does not take."""
+    given = {"latent_dim": args.latent_dim, "width": args.width, "bottleneck": args.bottleneck,
+             "beta": args.beta, "ema": False if args.no_ema else None, "ssim_weight": args.ssim_weight,
+             "ssim_warmup": args.ssim_warmup, "lpips_weight": args.lpips_weight}
+    return {"image_size": args.size, **{k: v for k, v in given.items() if v is not None}}
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -288,7 +310,7 @@ def main(argv=None):
     val = data.load_split(args.data_root, args.category, "val", args.size, args.val_fraction, args.seed)
     model = make_model(args, device)
     perceptual = None
-    if args.lpips_weight > 0:
+    if model.lpips_weight > 0:
         perceptual = losses.load_lpips(args.lpips_backbone, args.lpips_random_backbone).to(device)
         if perceptual.random_backbone and rank == 0:
             print("warning: the LPIPS term uses a RANDOMLY INITIALISED backbone; it is logged as "
@@ -312,7 +334,8 @@ def main(argv=None):
               f"images at {args.size} px, device {device}, {world} process(es)")
 
     for stage_index, stage in enumerate(model.stages):
-        epochs, lr = (args.epochs, args.lr) if stage_index == 0 else (args.prior_epochs, args.prior_lr)
+        epochs = getattr(args, stage_option(stage_index, stage, "epochs"))
+        lr = getattr(args, stage_option(stage_index, stage, "lr"))
         if resume and stage_index < resume["stage_index"]:
             continue
         params = model.stage_parameters(stage)

@@ -30,6 +30,17 @@ def test_registry_covers_the_five_models_and_rejects_others():
         models.build_model("gan")
 
 
+def test_an_argument_the_model_does_not_take_is_an_error_not_dropped():
+    with pytest.raises(ValueError, match="vqvae.*latent_dim"):
+        models.build_model("vqvae", latent_dim=64)
+    with pytest.raises(ValueError, match="dae.*ema"):
+        models.build_model("dae", ema=False)
+    # every constructor argument is recorded, so a checkpoint rebuilds the same model
+    for name in models.MODELS:
+        config = build(name).config
+        assert models.build_model(name, **config).config == config
+
+
 def test_models_py_imports_only_torch_and_the_standard_library():
     tree = ast.parse((ROOT / "models.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

@@ -140,3 +140,25 @@ def test_bf16_autocast_trains_to_finite_losses(rgb_root, tmp_path, name):
     first, last = [r for r in rows(tmp_path) if r["stage"] == "autoencoder"]
     assert float(last["train_loss"]) < float(first["train_loss"])
 
+
+def test_recipe_fills_what_the_command_line_leaves_open():
+    args = train.parse_args(["--model", "savae", "--category", "bottle", "--prior-lr", "0.5"])
+    schedule = (args.epochs, args.lr, args.prior_epochs, args.prior_lr, args.anomaly_fraction)
+    assert schedule == (200, 1e-3, 30, 0.5, 0.5)
+    assert train.model_args(args) == {"image_size": 128}  # the model's own defaults for the rest
+
+
+def test_help_shows_every_models_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: recipe)" not in text
+    assert "dae 300, beta_vae 250, ar_savae 160, savae 200, vqvae 40" in text  # --epochs
+    assert "ar_savae 30, savae 30, vqvae 40" in text  # --prior-epochs
+    assert "latent_dim=2048" in text and "lpips_weight=1.0" in text
+
+
+def test_an_option_the_model_does_not_take_is_a_clear_error(rgb_root, tmp_path):
+    r = run_train(rgb_root, "synthetic", tmp_path, "--model", "vqvae", "--latent-dim", "64", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: vqvae") and "latent_dim" in r.stderr
