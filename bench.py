@@ -5,11 +5,11 @@
     python bench.py --models vqvae --sizes 128 --profile   # where the time goes, and what helps
 
 Ours      = what train.py does: the split decoded once into a uint8 tensor in memory,
-            `data.to_float` per batch, the model as train.py builds it, then train.train_epoch
-            itself (model.loss + backward + gradient clipping + AdamW step), with the recipe's
-            extra terms off so both loops optimise the same objective. "Recipe" = the same with
-            train.py's default recipe on (synthetic anomalies + SSIM term; LPIPS is left out, it
-            needs downloaded weights). Inference: model.reconstruct under inference_mode.
+            `data.to_float` per batch, the model as train.py builds it, then train.train_step
+            itself (model.loss + backward + gradient clipping + AdamW step, train.py's optimizer),
+            with the recipe's extra terms off so both loops optimise the same objective. "Recipe"
+            = the same with train.py's default recipe on (synthetic anomalies + SSIM term; LPIPS is
+            left out, it needs downloaded weights). Inference: model.reconstruct under inference_mode.
 Reference = the obvious loop of the reference VQ-VAE recipe: a Dataset that opens, decodes and
             resizes each PNG with PIL on every access, torchvision ToTensor, a DataLoader with
             num_workers=0, float32 NCHW, default threads, the same model, the same AdamW
@@ -128,29 +128,19 @@ def train_config(name, root, category, size, batch_size, device, recipe=True):
                              "--device", str(device), "--lpips-weight", "0", *extra])
 
 
-def make_model(args, device):
-    """The model as train.py builds it (train.make_model where it exists: memory format too)."""
-    torch.manual_seed(0)
-    if hasattr(train, "make_model"):
-        return train.make_model(args, device)
-    return build_model(args.model, **train.model_args(args)).to(device)
+def first_stage(model, args, device, steps):
+    """train.py's first stage of the model, planned as one epoch of `steps` steps, and its optimizer."""
+    stage = train.Stage(0, model.stages[0], epochs=1, lr=args.lr, steps_per_epoch=steps)
+    return stage, train.make_optimizer(model, stage, device)
 
 
-def stage_optimizer(model, args, stage="autoencoder"):
-    """The optimizer train.main builds for a stage (frozen parameters outside it)."""
-    params = model.stage_parameters(stage)
-    trainable = set(params)
-    for p in model.parameters():
-        p.requires_grad_(p in trainable)
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-
-
-def ours_train(model, optimizer, images, args, device, total_steps, seed=0):
-    state = {"epoch": 0, "epochs": 1, "lr": args.lr, "step": 0, "world": 1, "best_val": math.inf}
+def ours_train(model, images, args, device, steps, seed=0):
+    """train.py's training step (train.train_step), one batch per call so that the reference
+    loop can be interleaved."""
+    stage, optimizer = first_stage(model, args, device, steps)
+    model.train()
     for batch in shuffled_batches(len(images), args.batch_size, seed):
-        # one batch per call so the reference loop can be interleaved; rank 1 = no progress bar
-        train.train_epoch(model, images, batch, optimizer, args, "autoencoder", state,
-                          total_steps, None, device, 1)
+        train.train_step(model, optimizer, data.to_float(images[batch], device), stage, args)
         yield
 
 
@@ -258,20 +248,21 @@ def measure_peak(device, reps=5):
 def bench_one(name, size, device, split, root, category, opts, peak):
     args = train_config(name, root, category, size, opts.batch_size, device, recipe=False)
     recipe_args = train_config(name, root, category, size, opts.batch_size, device)
-    ours = make_model(args, device)
+    torch.manual_seed(0)
+    ours = train.make_model(args, device)
     torch.manual_seed(0)  # the reference builds the plain model: same weights, NCHW
     ref = build_model(name, **train.model_args(args)).to(device)
-    recipe = make_model(recipe_args, device)  # the same weights, its recipe's objective
+    torch.manual_seed(0)
+    recipe = train.make_model(recipe_args, device)  # the same weights, its recipe's objective
     flops_train = flops_per_image(ref, size, device)
-    opt_ours, opt_ref = stage_optimizer(ours, args), stage_optimizer(ref, args)
-    opt_recipe = stage_optimizer(recipe, recipe_args)
+    total = opts.warmup + opts.steps
+    _, opt_ref = first_stage(ref, args, device, total)
     bs = min(opts.batch_size, len(split))
     disk = DiskImages(split.paths, size)
     train_loader = DataLoader(disk, batch_size=bs, shuffle=True, num_workers=0, drop_last=True)
     infer_loader = DataLoader(disk, batch_size=bs, shuffle=False, num_workers=0, drop_last=True)
-    total = opts.warmup + opts.steps
-    t_train = race({"ours": ours_train(ours, opt_ours, split.images, args, device, total),
-                    "recipe": ours_train(recipe, opt_recipe, split.images, recipe_args, device, total),
+    t_train = race({"ours": ours_train(ours, split.images, args, device, total),
+                    "recipe": ours_train(recipe, split.images, recipe_args, device, total),
                     "ref": reference_train(ref, opt_ref, train_loader, device)},
                    opts.steps, opts.warmup, device)
     t_infer = race({"ours": ours_infer(ours, split.images, bs, device),
@@ -289,10 +280,12 @@ def bench_one(name, size, device, split, root, category, opts, peak):
 
 # ----------------------------------------------------------------------------- profile
 
-def phase_breakdown(model, optimizer, images, args, device, steps, warmup):
-    """Median seconds of each piece of our training step (the pieces of train.train_epoch)."""
+def phase_breakdown(model, images, args, device, steps, warmup):
+    """Median seconds of each piece of our training step, train.train_step taken apart: the batch,
+    the forward pass (model.loss with its SSIM term), train.backward_step."""
     phases = {k: [] for k in ("to_float + synthetic anomalies", "forward (model.loss with SSIM)",
-                              "backward", "clip + AdamW step")}
+                              "backward + clip + AdamW step")}
+    _, optimizer = first_stage(model, args, device, warmup + steps)
     model.train()
     batches = shuffled_batches(len(images), args.batch_size)
     for i in range(warmup + steps):
@@ -302,11 +295,7 @@ def phase_breakdown(model, optimizer, images, args, device, steps, warmup):
         sync(device), marks.append(time.perf_counter())
         total = model(inputs, target=x)[0]
         sync(device), marks.append(time.perf_counter())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        sync(device), marks.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 5.0)
-        optimizer.step()
+        train.backward_step(optimizer, total)
         sync(device), marks.append(time.perf_counter())
         if i >= warmup:
             for k, t0, t1 in zip(phases, marks, marks[1:]):
@@ -339,18 +328,17 @@ def profile(name, size, device, split, root, category, opts, out):
     base = build_model(name, **train.model_args(args)).to(device)  # NCHW: the variants convert
     out.append(f"\n## Profile: {name} at {size} px on {device.type}, batch {args.batch_size}, "
                f"recipe on (anomaly fraction {args.anomaly_fraction}, SSIM weight "
-               f"{args.ssim_weight})\n")
+               f"{base.ssim_weight})\n")
 
     model = copy.deepcopy(base)
-    optimizer = stage_optimizer(model, args)
-    phases = phase_breakdown(model, optimizer, split.images, args, device, opts.steps, opts.warmup)
+    phases = phase_breakdown(model, split.images, args, device, opts.steps, opts.warmup)
     step = sum(phases.values())
     out.append("| phase | ms / step | share |\n|---|---:|---:|")
     out += [f"| {k} | {1e3 * v:.1f} | {v / step:.0%} |" for k, v in phases.items()]
 
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    gen = ours_train(model, optimizer, split.images, args, device, 10 ** 6)
+    gen = ours_train(model, split.images, args, device, 10 ** 6)
     next(gen)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(2):
@@ -365,9 +353,7 @@ def profile(name, size, device, split, root, category, opts, out):
     loops, notes = {}, {}
 
     def variant(label, model, images=split.images, threads=None, **overrides):
-        m = model
-        opt = stage_optimizer(m, args)
-        gen = ours_train(m, opt, images, argparse.Namespace(**{**vars(args), **overrides}), device, total)
+        gen = ours_train(model, images, argparse.Namespace(**{**vars(args), **overrides}), device, total)
         loops[label] = Threads(threads, gen) if threads else gen
 
     default_threads = torch.get_num_threads()
@@ -385,7 +371,7 @@ def profile(name, size, device, split, root, category, opts, out):
         t0 = time.perf_counter()
         try:
             compiled = torch.compile(copy.deepcopy(base))
-            gen = ours_train(compiled, stage_optimizer(compiled, args), split.images, args, device, total)
+            gen = ours_train(compiled, split.images, args, device, total)
             next(gen)  # the compilation itself, timed apart
             loops["torch.compile (inductor)"] = gen
             notes["torch.compile (inductor)"] = f"first step (compile) {time.perf_counter() - t0:.0f} s"
@@ -432,7 +418,7 @@ def main(argv=None):
         emit(f"- batch {opts.batch_size}, {opts.warmup} warm-up + {opts.steps} timed steps per loop, "
              "loops interleaved step by step; img/s = batch / median step time")
         emit("- ours: decoded-once uint8 images, data.to_float, the model as train.py builds it, "
-             "train.train_epoch (model.loss + backward + clip + AdamW); recipe: the same plus "
+             "train.train_step (model.loss + backward + clip + AdamW); recipe: the same plus "
              "train.py's default synthetic anomalies + SSIM term (LPIPS excluded); ref: PIL decode "
              "+ resize from disk per access, ToTensor, DataLoader(num_workers=0), float32 NCHW, "
              "model.loss + backward + AdamW")

@@ -44,6 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 from models import MODELS, load_model  # noqa: E402
+from train import pick_device, run_dir, trained_checkpoint  # noqa: E402
 
 
 class DetectError(Exception):
@@ -341,10 +342,9 @@ def find_checkpoint(args):
             raise DetectError(f"checkpoint '{args.checkpoint}' not found")
         return args.checkpoint
     for name in ([args.model] if args.model else MODELS):
-        for file in ("best.pt", "checkpoint.pt"):
-            path = Path(args.outputs) / args.category / name / file
-            if path.is_file():
-                return str(path)
+        path = trained_checkpoint(run_dir(args.outputs, args.category, name))
+        if path is not None:
+            return str(path)
     model = args.model or next(iter(MODELS))
     raise DetectError(f"no trained model for class '{args.category}' under '{args.outputs}'; train one "
                       f"first: python train.py --model {model} --category {args.category}")
@@ -353,7 +353,7 @@ def find_checkpoint(args):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     ckpt_path = find_checkpoint(args)
     model, ckpt = load_model(ckpt_path, device)
     cfg = ckpt["config"]

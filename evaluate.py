@@ -39,7 +39,7 @@ from tqdm import tqdm
 import data
 import losses
 from models import MODELS, load_model, ssim_map
-from train import pick_device, write_csv_atomic
+from train import pick_device, run_dir, trained_checkpoint, write_csv_atomic
 
 INCEPTION_ENV = "INCEPTION_WEIGHTS"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -103,14 +103,6 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- finding things
 
-def checkpoint_of(model_dir):
-    """best.pt, else the latest checkpoint.pt, else None."""
-    for name in ("best.pt", "checkpoint.pt"):
-        if (model_dir / name).is_file():
-            return model_dir / name
-    return None
-
-
 def find_jobs(outputs, category, wanted):
     """(category, model, checkpoint path) for every model to evaluate, in MODELS order."""
     outputs = Path(outputs)
@@ -120,7 +112,7 @@ def find_jobs(outputs, category, wanted):
         categories = [category]
     jobs = []
     for cat in categories:
-        found = {m: checkpoint_of(outputs / cat / m) for m in MODELS}
+        found = {m: trained_checkpoint(run_dir(outputs, cat, m)) for m in MODELS}
         found = {m: path for m, path in found.items() if path is not None}
         missing = [m for m in wanted or [] if m not in found]
         if missing and category != "all":
@@ -352,7 +344,7 @@ def short(value):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device, 0)
+    device = pick_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # torch-fidelity moves Inception with a bare .cuda()
     jobs = find_jobs(args.outputs, args.category, args.models)

@@ -3,6 +3,8 @@
     python train.py --model dae --category bottle --data-root data/mvtec_ad
     torchrun --nproc_per_node=2 train.py --model vqvae --category bottle   # several processes
 
+The model owns its objective (model.loss) and its defaults (model.recipe, its constructor); this
+file runs its stages in order, each epoch train_epoch -> validate -> checkpoint.
 Writes to --out (default outputs/<category>/<model>/):
     checkpoint.pt   latest state (model args + weights + optimizer + stage/epoch/step + config),
                     written atomically every epoch; --resume continues from it
@@ -17,6 +19,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +33,8 @@ from tqdm import tqdm
 import data
 import losses
 from models import MODELS, build_model
+
+GRAD_CLIP = 5.0  # every step rescales the gradient to a global norm of at most this
 
 
 # ----------------------------------------------------------------------------- options
@@ -124,7 +129,7 @@ def parse_args(argv=None):
     for key, value in recipe_defaults(MODELS[args.model]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.out = args.out or str(Path("outputs") / args.category / args.model)
+    args.out = args.out or str(run_dir("outputs", args.category, args.model))
     return args
 
 
@@ -135,6 +140,38 @@ def model_args(args):
              "beta": args.beta, "ema": False if args.no_ema else None, "ssim_weight": args.ssim_weight,
              "ssim_warmup": args.ssim_warmup, "lpips_weight": args.lpips_weight}
     return {"image_size": args.size, **{k: v for k, v in given.items() if v is not None}}
+
+
+# ----------------------------------------------------------------------------- shared with detect.py, evaluate.py
+
+def run_dir(runs, category, model):
+    """Where train.py writes a run (unless --out), and where detect.py and evaluate.py find it."""
+    return Path(runs) / category / model
+
+
+def trained_checkpoint(folder):
+    """best.pt, else the latest checkpoint.pt, else None."""
+    for name in ("best.pt", "checkpoint.pt"):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def pick_device(name, rank=0):
+    """--device: auto is this process's GPU when there are any, else the CPU."""
+    if name == "auto":
+        name = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def write_csv_atomic(rows, path):
+    header = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -154,12 +191,6 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size()
 
 
-def pick_device(name, rank):
-    if name == "auto":
-        name = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def epoch_seed(seed, stage_index, epoch):
     # every epoch's randomness derives from (seed, stage, epoch): resuming replays it exactly
     return seed * 1_000_003 + stage_index * 10_007 + epoch
@@ -171,16 +202,6 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def write_csv_atomic(rows, path):
-    header = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, header, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def read_rows_until(path, stage_index, epoch):
     """Rows of an earlier run up to the checkpoint, so a resumed run appends after them."""
     if not os.path.exists(path):
@@ -188,10 +209,6 @@ def read_rows_until(path, stage_index, epoch):
     with open(path, newline="") as f:
         return [r for r in csv.DictReader(f)
                 if (int(r["stage_index"]), int(r["epoch"])) <= (stage_index, epoch)]
-
-
-def cosine_lr(base_lr, step, total_steps):
-    return base_lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
 
 
 def check_finite(sums, stage, epoch):
@@ -237,40 +254,95 @@ def add_synthetic_anomalies(x, fraction):
     return torch.cat([corrupted, x[k:]])
 
 
-# ----------------------------------------------------------------------------- one epoch
+# ----------------------------------------------------------------------------- one step, one epoch
 
-def train_epoch(net, images, sampler, optimizer, args, stage, state, total_steps,
-                perceptual, device, rank):
-    """One pass over the training images; returns the epoch mean of every logged term."""
-    net.train()
+@dataclass
+class Stage:
+    """One training stage as planned (epochs of steps_per_epoch steps, peak lr) and where it
+    stands (the next epoch, the steps taken, the best validation loss so far)."""
+
+    index: int
+    name: str
+    epochs: int
+    lr: float
+    steps_per_epoch: int
+    epoch: int = 0
+    step: int = 0
+    best_val: float = math.inf
+
+    @property
+    def total_steps(self):
+        return self.epochs * self.steps_per_epoch
+
+    def current_lr(self):
+        # cosine decay from the peak to 0 over the stage: lr * (1 + cos(pi * step / total)) / 2
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(self.step / max(self.total_steps, 1), 1.0)))
+
+
+def plan_stages(model, args, steps_per_epoch):
+    """The model's stages, in order, with the epochs and peak lr the options give them."""
+    return [Stage(i, name, getattr(args, stage_option(i, name, "epochs")),
+                  getattr(args, stage_option(i, name, "lr")), steps_per_epoch)
+            for i, name in enumerate(model.stages)]
+
+
+def make_optimizer(model, stage, device):
+    """AdamW over the stage's parameters, with everything else frozen; fused (one kernel for all
+    parameters) on GPUs, CPUs keep the default implementation."""
+    params = model.stage_parameters(stage.name)
+    trainable = set(params)
+    for p in model.parameters():
+        p.requires_grad_(p in trainable)
+    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0, fused=device.type == "cuda")
+
+
+def backward_step(optimizer, total):
+    """Gradients of `total`, clipped to a global norm of GRAD_CLIP, then one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], GRAD_CLIP)
+    optimizer.step()
+
+
+def train_step(net, optimizer, x, stage, args, perceptual=None):
+    """One optimisation step on a batch x of clean images, at the stage's current lr and progress;
+    returns the terms to log (on the device). In the first stage a share of the batch gets
+    synthetic anomalies (args.anomaly_fraction) and the model is asked for x."""
+    inputs = add_synthetic_anomalies(x, args.anomaly_fraction) if stage.index == 0 else x
+    for group in optimizer.param_groups:
+        group["lr"] = stage.current_lr()
+    # --bf16: the network runs under autocast, the model keeps its image terms in float32
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.bf16):
+        total, terms, _ = net(inputs, target=x, stage=stage.name, progress=stage.step / stage.total_steps,
+                              perceptual=perceptual)
+    backward_step(optimizer, total)
+    stage.step += 1
+    return {**terms, "loss": total}
+
+
+def batches(images, sampler, per_rank, device):
+    """This process's share of one shuffled epoch, batch by batch, as floats on the device."""
     order = list(sampler)
-    per_rank = max(1, args.batch_size // state["world"])
-    sums, batches = {}, 0
-    bar = tqdm(range(0, len(order), per_rank), desc=f"{stage} {state['epoch'] + 1}/{state['epochs']}",
-               leave=False, disable=rank != 0)
-    for start in bar:
-        x = data.to_float(images[order[start:start + per_rank]], device)
-        inputs = add_synthetic_anomalies(x, args.anomaly_fraction) if stage == "autoencoder" else x
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(state["lr"], state["step"], total_steps)
-        # the model's objective (model.loss), its image terms in float32 also under --bf16
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            total, terms, _ = net(inputs, target=x, stage=stage, progress=state["step"] / total_steps,
-                                  perceptual=perceptual)
-        terms["loss"] = total
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 5.0)
-        optimizer.step()
-        state["step"] += 1
-        for k, v in terms.items():  # summed on the device; read back once per epoch
-            sums[k] = sums.get(k, 0) + v.detach()
-        batches += 1
-    if state["world"] > 1:  # log means over every process's batches, not over rank 0's share
+    for start in range(0, len(order), per_rank):
+        yield data.to_float(images[order[start:start + per_rank]], device)
+
+
+def train_epoch(net, optimizer, loader, stage, args, perceptual=None):
+    """One pass over `loader`'s batches; returns the epoch mean of every logged term over every process."""
+    net.train()
+    sums, count = {}, 0
+    distributed = dist.is_available() and dist.is_initialized()
+    desc = f"{stage.name} {stage.epoch + 1}/{stage.epochs}"
+    for x in tqdm(loader, desc=desc, total=stage.steps_per_epoch, leave=False,
+                  disable=distributed and dist.get_rank() != 0):
+        for k, v in train_step(net, optimizer, x, stage, args, perceptual).items():
+            sums[k] = sums.get(k, 0) + v.detach()  # summed on the device; read back once per epoch
+        count += 1
+    if distributed:  # log means over every process's batches, not over rank 0's share
         packed = torch.stack([v.float() for v in sums.values()])  # same keys, same order per rank
         dist.all_reduce(packed)
-        sums = dict(zip(sums, packed / state["world"]))
-    return {k: float(v) / batches for k, v in sums.items()}
+        sums = dict(zip(sums, packed / dist.get_world_size()))
+    return {k: float(v) / count for k, v in sums.items()}
 
 
 @torch.inference_mode()
@@ -297,91 +369,103 @@ def save_pictures(model, val_images, out, seed, device):
 
 # ----------------------------------------------------------------------------- main
 
+def load_data(args, rank, world):
+    """The train and val splits, decoded once into memory (rank 0 downloads, if asked, first)."""
+    if rank == 0:
+        data.ensure_category(args.data_root, args.category, args.download)
+    if world > 1:
+        dist.barrier()  # the other processes wait for rank 0's download
+    return [data.load_split(args.data_root, args.category, split, args.size, args.val_fraction, args.seed)
+            for split in ("train", "val")]
+
+
+def load_perceptual(model, args, device, rank):
+    """The LPIPS network the model's objective weighs, or None when it weighs none."""
+    if not model.lpips_weight:
+        return None
+    perceptual = losses.load_lpips(args.lpips_backbone, args.lpips_random_backbone).to(device)
+    if perceptual.random_backbone and rank == 0:
+        print("warning: the LPIPS term uses a RANDOMLY INITIALISED backbone; it is logged as "
+              "'lpips_random' and is not LPIPS")
+    return perceptual
+
+
+def load_resume(args, model, device):
+    """With --resume: the checkpoint, its weights loaded into the model; else None."""
+    if not args.resume:
+        return None
+    path = os.path.join(args.out, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise data.DatasetError(f"--resume: no checkpoint at '{path}'")
+    resume = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(resume["model_state"])
+    return resume
+
+
+def save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config):
+    """Rank 0's files after an epoch: its metrics.csv row, checkpoint.pt, and best.pt when the
+    validation loss improved. config: the run's options (config["out"] is the folder)."""
+    out = config["out"]
+    rows.append({"stage_index": stage.index, "stage": stage.name, "epoch": stage.epoch, "step": stage.step,
+                 "seconds": seconds, "lr": stage.current_lr(),
+                 **{f"train_{k}": round(v, 6) for k, v in terms.items()},
+                 **{k: round(v, 6) for k, v in scores.items()}})
+    write_csv_atomic(rows, os.path.join(out, "metrics.csv"))
+    ckpt = {"model_name": config["model"], "model_args": model.config,
+            "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+            "stage_index": stage.index, "stage": stage.name, "epoch": stage.epoch, "step": stage.step,
+            "best_val": min(stage.best_val, scores["val_loss"]), "val": scores, "config": config}
+    save_atomic(ckpt, os.path.join(out, "checkpoint.pt"))
+    if scores["val_loss"] < stage.best_val:
+        save_atomic(ckpt, os.path.join(out, "best.pt"))
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world = setup_distributed()
     device = pick_device(args.device, rank)
     torch.manual_seed(args.seed)
-    if rank == 0:
-        data.ensure_category(args.data_root, args.category, args.download)
-    if world > 1:
-        dist.barrier()  # the other processes wait for rank 0's download
-    train = data.load_split(args.data_root, args.category, "train", args.size, args.val_fraction, args.seed)
-    val = data.load_split(args.data_root, args.category, "val", args.size, args.val_fraction, args.seed)
+    train, val = load_data(args, rank, world)
     model = make_model(args, device)
-    perceptual = None
-    if model.lpips_weight > 0:
-        perceptual = losses.load_lpips(args.lpips_backbone, args.lpips_random_backbone).to(device)
-        if perceptual.random_backbone and rank == 0:
-            print("warning: the LPIPS term uses a RANDOMLY INITIALISED backbone; it is logged as "
-                  "'lpips_random' and is not LPIPS")
+    perceptual = load_perceptual(model, args, device, rank)
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path, best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best.pt")
-    metrics_path = os.path.join(args.out, "metrics.csv")
-
-    resume = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise data.DatasetError(f"--resume: no checkpoint at '{ckpt_path}'")
-        resume = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(resume["model_state"])
-    rows = read_rows_until(metrics_path, resume["stage_index"], resume["epoch"]) if resume else []
-    config = {k: v for k, v in vars(args).items()}
-    config["lpips_backbone_kind"] = None if perceptual is None else perceptual.name
+    resume = load_resume(args, model, device)
+    metrics = os.path.join(args.out, "metrics.csv")
+    rows = read_rows_until(metrics, resume["stage_index"], resume["epoch"]) if resume else []
+    config = {**vars(args), "lpips_backbone_kind": None if perceptual is None else perceptual.name}
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(train)} train / {len(val)} val "
               f"images at {args.size} px, device {device}, {world} process(es)")
 
-    for stage_index, stage in enumerate(model.stages):
-        epochs = getattr(args, stage_option(stage_index, stage, "epochs"))
-        lr = getattr(args, stage_option(stage_index, stage, "lr"))
-        if resume and stage_index < resume["stage_index"]:
+    sampler = DistributedSampler(range(len(train)), world, rank, shuffle=True, seed=args.seed)
+    per_rank = max(1, args.batch_size // world)
+    for stage in plan_stages(model, args, math.ceil(len(sampler) / per_rank)):
+        if resume and stage.index < resume["stage_index"]:
             continue
-        params = model.stage_parameters(stage)
-        trainable = set(params)
-        for p in model.parameters():  # freeze what this stage does not train
-            p.requires_grad_(p in trainable)
+        optimizer = make_optimizer(model, stage, device)
         net = DistributedDataParallel(model) if world > 1 else model
         net = torch.compile(net) if args.compile else net
-        # fused: one kernel for all parameters on GPUs; CPUs keep the default implementation
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=device.type == "cuda")
-        state = {"epoch": 0, "epochs": epochs, "lr": lr, "step": 0, "world": world, "best_val": math.inf}
-        if resume and stage_index == resume["stage_index"]:
+        if resume and stage.index == resume["stage_index"]:
             optimizer.load_state_dict(resume["optimizer_state"])
-            state.update(epoch=resume["epoch"] + 1, step=resume["step"], best_val=resume["best_val"])
-        sampler = DistributedSampler(range(len(train)), world, rank, shuffle=True, seed=args.seed)
-        per_rank = max(1, args.batch_size // world)
-        total_steps = epochs * math.ceil(len(sampler) / per_rank)
-        while state["epoch"] < epochs:
-            epoch, t0 = state["epoch"], time.time()
-            torch.manual_seed(epoch_seed(args.seed, stage_index, epoch) + rank)
-            sampler.set_epoch(epoch_seed(args.seed, stage_index, epoch))
-            terms = train_epoch(net, train.images, sampler, optimizer, args, stage, state,
-                                total_steps, perceptual, device, rank)
-            check_finite(terms, stage, epoch)
+            stage.epoch, stage.step, stage.best_val = resume["epoch"] + 1, resume["step"], resume["best_val"]
+        while stage.epoch < stage.epochs:
+            t0, seed = time.time(), epoch_seed(args.seed, stage.index, stage.epoch)
+            torch.manual_seed(seed + rank)  # synthetic anomalies, dropout, the posterior's noise
+            sampler.set_epoch(seed)  # the order of the images
+            loader = batches(train.images, sampler, per_rank, device)
+            terms = train_epoch(net, optimizer, loader, stage, args, perceptual)
+            check_finite(terms, stage.name, stage.epoch)
             if rank == 0:
-                scores = validate(model, val.images, args, stage, device)
-                row = {"stage_index": stage_index, "stage": stage, "epoch": epoch, "step": state["step"],
-                       "seconds": round(time.time() - t0, 2), "lr": cosine_lr(lr, state["step"], total_steps),
-                       **{f"train_{k}": round(v, 6) for k, v in terms.items()},
-                       **{k: round(v, 6) for k, v in scores.items()}}
-                rows.append(row)
-                write_csv_atomic(rows, metrics_path)
-                ckpt = {"model_name": args.model, "model_args": model.config,
-                        "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                        "stage_index": stage_index, "stage": stage, "epoch": epoch, "step": state["step"],
-                        "best_val": min(state["best_val"], scores["val_loss"]), "val": scores,
-                        "config": config}
-                save_atomic(ckpt, ckpt_path)
-                if scores["val_loss"] < state["best_val"]:
-                    save_atomic(ckpt, best_path)
-                if (epoch + 1) % 10 == 0 or epoch + 1 == epochs:
+                scores = validate(model, val.images, args, stage.name, device)
+                seconds = round(time.time() - t0, 2)
+                save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config)
+                if (stage.epoch + 1) % 10 == 0 or stage.epoch + 1 == stage.epochs:
                     save_pictures(model, val.images, args.out, args.seed, device)
-                print(f"{stage} epoch {epoch + 1}/{epochs}  " + "  ".join(
-                    f"{k} {v:.4g}" for k, v in {**terms, **scores}.items()) + f"  ({row['seconds']:.1f}s)")
-            state["best_val"] = min(state["best_val"], scores["val_loss"]) if rank == 0 else state["best_val"]
-            state["epoch"] += 1
+                print(f"{stage.name} epoch {stage.epoch + 1}/{stage.epochs}  " + "  ".join(
+                    f"{k} {v:.4g}" for k, v in {**terms, **scores}.items()) + f"  ({seconds:.1f}s)")
+                stage.best_val = min(stage.best_val, scores["val_loss"])
+            stage.epoch += 1
         resume = None
     if rank == 0:
         print(f"done: {args.out}")
