@@ -101,14 +101,15 @@ def test_baseline_removes_the_error_every_good_image_has_at_the_same_place():
 
 @pytest.fixture(scope="module")
 def trained_dae(rgb_root, tmp_path_factory):
+    """A DAE trained 10 epochs (30 steps, about a second) on the synthetic category at 32 px."""
     out = tmp_path_factory.mktemp("outputs")
     subprocess.run([sys.executable, "train.py", "--model", "dae", "--category", "synthetic",
-                    "--data-root", str(rgb_root), "--size", "32", "--epochs", "2", "--batch-size", "8",
+                    "--data-root", str(rgb_root), "--size", "32", "--epochs", "10", "--batch-size", "8",
                     "--out", str(out / "synthetic" / "dae")], cwd=ROOT, check=True, capture_output=True)
     return out
 
 
-def test_detect_end_to_end_writes_metrics_scores_maps_and_pictures(trained_dae, tmp_path):
+def test_detect_end_to_end_finds_the_synthetic_defects_and_writes_everything(trained_dae, tmp_path):
     results = tmp_path / "results"
     subprocess.run([sys.executable, "detect.py", "--class", "synthetic", "--outputs", str(trained_dae),
                     "--results", str(results), "--save-maps", "--map", "ssim+l2"],
@@ -117,6 +118,9 @@ def test_detect_end_to_end_writes_metrics_scores_maps_and_pictures(trained_dae, 
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro_0.3", "f1", "good_false_alarm_rate"):
         assert 0.0 <= metrics[key] <= 1.0, key
+    # well above chance (AUROC 0.5, AUPRO about 0.15) on the painted blobs and scratches; this
+    # run measured 1.000 / 0.985 / 0.942
+    assert metrics["image_auroc"] >= 0.9 and metrics["pixel_auroc"] >= 0.9 and metrics["aupro_0.3"] >= 0.7
     assert metrics["threshold_rule"] == "max of val image scores" and metrics["baseline"] == "train"
     rows = (out / "scores.csv").read_text().strip().splitlines()
     assert rows[0] == "path,defect_type,label,score,predicted_label" and len(rows) == 1 + 8
