@@ -44,7 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 from models import MODELS, load_model  # noqa: E402
-from train import pick_device, run_dir, trained_checkpoint  # noqa: E402
+from train import add_shared_options, pick_device, run_dir, trained_checkpoint  # noqa: E402
 
 
 class DetectError(Exception):
@@ -306,14 +306,12 @@ def write_pictures(out, category, size, test, recons, maps, scores, threshold, v
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Localise defects of one MVTec AD class from reconstruction error.",
                                 formatter_class=data.HelpFormatter)
-    p.add_argument("--class", dest="category", required=True, help="MVTec AD class, e.g. bottle")
+    add_shared_options(p, "MVTec AD class, e.g. bottle")
     p.add_argument("--model", choices=list(MODELS),
                    help="model name (default: the first trained one for the class, in the order "
                         f"{', '.join(MODELS)}: best first, measured on bottle)")
-    p.add_argument("--checkpoint", help="checkpoint file (default: <outputs>/<class>/<model>/best.pt)")
+    p.add_argument("--checkpoint", help="checkpoint file (default: <runs>/<class>/<model>/best.pt)")
     p.add_argument("--data-root", help="folder holding the categories (default: the checkpoint's)")
-    p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
-    p.add_argument("--outputs", default="outputs", help="where train.py wrote its checkpoints")
     p.add_argument("--results", default="results", help="results go to <results>/<class>/")
     p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (SAVAE/AR-SAVAE: "
                    "variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
@@ -329,8 +327,7 @@ def parse_args(argv=None):
     p.add_argument("--mc-passes", type=int, default=8, help="MC-dropout passes for epistemic maps")
     p.add_argument("--seed", type=int, default=0, help="seeds the MC-dropout passes: same run, same numbers")
     p.add_argument("--lpips-backbone", help="local AlexNet weights for the lpips map")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     return p.parse_args(argv)
 
 
@@ -342,11 +339,11 @@ def find_checkpoint(args):
             raise DetectError(f"checkpoint '{args.checkpoint}' not found")
         return args.checkpoint
     for name in ([args.model] if args.model else MODELS):
-        path = trained_checkpoint(run_dir(args.outputs, args.category, name))
+        path = trained_checkpoint(run_dir(args.runs, args.category, name))
         if path is not None:
             return str(path)
     model = args.model or next(iter(MODELS))
-    raise DetectError(f"no trained model for class '{args.category}' under '{args.outputs}'; train one "
+    raise DetectError(f"no trained model for class '{args.category}' under '{args.runs}'; train one "
                       f"first: python train.py --model {model} --category {args.category}")
 
 

@@ -5,14 +5,14 @@
     python evaluate.py --category all --no-generation          # offline: reconstruction only
 
 Generation: --num-samples draws from each model's prior (the VQ-VAE's learned code prior) are saved
-as PNG in <outputs>/eval/<category>/<model>/gen/ and compared with the category's train/good
-images at the model's resolution (written once to <outputs>/eval/<category>/reference_<size>/):
+as PNG in <runs>/eval/<category>/<model>/gen/ and compared with the category's train/good
+images at the model's resolution (written once to <runs>/eval/<category>/reference_<size>/):
 FID, Inception Score (mean and std over 10 splits) and KID (mean and std over 100 subsets of
 min(1000, N, reference) images), all by torch_fidelity.calculate_metrics.
 Reconstruction: MSE, SSIM and LPIPS between the held-out normal images (val split and test/good)
 and their reconstructions, means over images.
 
-Writes <outputs>/gen_eval_summary.csv, one row per (category, model), replaced in place when a
+Writes <runs>/gen_eval_summary.csv, one row per (category, model), replaced in place when a
 model is evaluated again, and prints the rows of the evaluated categories as a table.
 
 Offline: FID/IS/KID need torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth,
@@ -39,7 +39,7 @@ from tqdm import tqdm
 import data
 import losses
 from models import MODELS, load_model, ssim_map
-from train import pick_device, run_dir, trained_checkpoint, write_csv_atomic
+from train import add_shared_options, pick_device, run_dir, trained_checkpoint, write_csv_atomic
 
 INCEPTION_ENV = "INCEPTION_WEIGHTS"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -70,19 +70,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FID / IS / KID of samples and reconstruction MSE / SSIM / "
                                             "LPIPS of trained models, into one summary table.",
                                 formatter_class=data.HelpFormatter)
-    p.add_argument("--category", required=True,
-                   help="MVTec AD category, or 'all' for every category with trained models")
+    add_shared_options(p, "MVTec AD category, or 'all' for every category with trained models; "
+                          "results go to <runs>/eval/ and <runs>/gen_eval_summary.csv")
     p.add_argument("--models", nargs="+", choices=list(MODELS),
                    help="models to evaluate (default: every trained one)")
     p.add_argument("--data-root", help="folder holding the categories (default: the checkpoint's "
                                        f"training data root, else {data.DEFAULT_ROOT})")
-    p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
-    p.add_argument("--outputs", default="outputs", help="training outputs; results go here too")
     p.add_argument("--num-samples", type=int, default=1000, help="samples drawn per model (N)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="batch for sampling, reconstruction and Inception (samples depend on it and --seed)")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling and the IS/KID subsets")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-generation", action="store_true",
                    help="reconstruction metrics only (no samples, no Inception weights needed)")
     p.add_argument("--inception-weights", help=f"local {INCEPTION_FILE} (or ${INCEPTION_ENV})")
@@ -103,26 +100,26 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- finding things
 
-def find_jobs(outputs, category, wanted):
+def find_jobs(runs, category, wanted):
     """(category, model, checkpoint path) for every model to evaluate, in MODELS order."""
-    outputs = Path(outputs)
+    runs = Path(runs)
     if category == "all":
-        categories = sorted(p.name for p in outputs.iterdir() if p.is_dir()) if outputs.is_dir() else []
+        categories = sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
     else:
         categories = [category]
     jobs = []
     for cat in categories:
-        found = {m: trained_checkpoint(run_dir(outputs, cat, m)) for m in MODELS}
+        found = {m: trained_checkpoint(run_dir(runs, cat, m)) for m in MODELS}
         found = {m: path for m, path in found.items() if path is not None}
         missing = [m for m in wanted or [] if m not in found]
         if missing and category != "all":
             raise EvaluationError(
-                f"no checkpoint for {', '.join(missing)} in '{outputs / cat}' (trained there: "
+                f"no checkpoint for {', '.join(missing)} in '{runs / cat}' (trained there: "
                 f"{', '.join(found) or 'none'}); train with: python train.py --model {missing[0]} "
                 f"--category {cat}")
         jobs += [(cat, m, path) for m, path in found.items() if not wanted or m in wanted]
     if not jobs:
-        raise EvaluationError(f"no trained models for category '{category}' under '{outputs}' (looked "
+        raise EvaluationError(f"no trained models for category '{category}' under '{runs}' (looked "
                               f"for <category>/<model>/best.pt or checkpoint.pt); train one with train.py")
     return jobs
 
@@ -273,7 +270,7 @@ def evaluate_model(category, name, path, args, device, inception, perceptual):
     data.ensure_category(root, category, args.download)
     size = model.config["image_size"]
     row = {"category": category, "model": name, "resolution": size, "checkpoint": str(path)}
-    eval_dir = Path(args.outputs) / "eval" / category
+    eval_dir = Path(args.runs) / "eval" / category
     prior_trained = ckpt.get("stage_index", 0) == len(model.stages) - 1
     if inception and not prior_trained:
         print(f"note: {name}: checkpoint '{path}' stops before its '{model.stages[-1]}' stage, so its "
@@ -347,7 +344,7 @@ def main(argv=None):
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # torch-fidelity moves Inception with a bare .cuda()
-    jobs = find_jobs(args.outputs, args.category, args.models)
+    jobs = find_jobs(args.runs, args.category, args.models)
     inception = None if args.no_generation else locate_inception(args.inception_weights,
                                                                   args.allow_unofficial_inception)
     if inception and not inception[1]:
@@ -356,7 +353,7 @@ def main(argv=None):
     perceptual = load_perceptual(args)
     if perceptual is not None:
         perceptual.to(device)
-    summary = Path(args.outputs) / SUMMARY_FILE
+    summary = Path(args.runs) / SUMMARY_FILE
     rows = []
     for category, name, path in jobs:
         new = evaluate_model(category, name, path, args, device, inception, perceptual)

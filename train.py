@@ -5,7 +5,7 @@
 
 The model owns its objective (model.loss) and its defaults (model.recipe, its constructor); this
 file runs its stages in order, each epoch train_epoch -> validate -> checkpoint.
-Writes to --out (default outputs/<category>/<model>/):
+Writes to <runs>/<category>/<model>/ (--runs, default outputs; --out names the folder itself):
     checkpoint.pt   latest state (model args + weights + optimizer + stage/epoch/step + config),
                     written atomically every epoch; --resume continues from it
     best.pt         the epoch with the lowest validation loss of the last stage
@@ -79,18 +79,16 @@ def parse_args(argv=None):
             later.setdefault(stage, []).append(name)
     p = Parser(description="Train an autoencoder on one MVTec AD category.", formatter_class=data.HelpFormatter)
     p.add_argument("--model", required=True, choices=list(MODELS), help="which model (models.py)")
-    p.add_argument("--category", required=True, help="MVTec AD category, e.g. bottle")
+    add_shared_options(p, "MVTec AD category, e.g. bottle")
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
-    p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
+    p.add_argument("--out", help="write this run to this folder instead of <runs>/<category>/<model>")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--size", type=int, default=128,
                    help="image side in pixels; a 256 px epoch costs about 4.4x a 128 px one (DAE on CPU)")
     p.add_argument("--batch-size", type=int, default=16, help="total over all processes")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the weights, the val split, the shuffling and the synthetic anomalies")
     p.add_argument("--val-fraction", type=float, default=0.1, help="train/good held out for validation")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--out", help="output folder (default outputs/<category>/<model>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g = p.add_argument_group("schedule (default: the model's recipe, values in brackets)")
     g.add_argument("--epochs", type=int, help=f"epochs of the first stage ({per_model('epochs')})")
     g.add_argument("--lr", type=float,
@@ -129,7 +127,7 @@ def parse_args(argv=None):
     for key, value in recipe_defaults(MODELS[args.model]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.out = args.out or str(run_dir("outputs", args.category, args.model))
+    args.out = args.out or str(run_dir(args.runs, args.category, args.model))
     return args
 
 
@@ -143,6 +141,15 @@ def model_args(args):
 
 
 # ----------------------------------------------------------------------------- shared with detect.py, evaluate.py
+
+def add_shared_options(p, category_help):
+    """The options train.py, detect.py and evaluate.py spell and explain alike."""
+    p.add_argument("--category", "--class", dest="category", required=True, help=category_help)
+    p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
+    p.add_argument("--runs", "--outputs", dest="runs", default="outputs",
+                   help="folder of the training runs: train.py writes <runs>/<category>/<model>/")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+
 
 def run_dir(runs, category, model):
     """Where train.py writes a run (unless --out), and where detect.py and evaluate.py find it."""

@@ -53,9 +53,9 @@ def tiny(monkeypatch):
 
 def test_a_registered_model_trains_in_its_stages_and_detects(tiny, rgb_root, tmp_path):
     runs = tmp_path / "runs"
+    train.main(["--model", "tiny", "--class", "synthetic", "--data-root", str(rgb_root),
+                "--runs", str(runs), "--size", "32", "--batch-size", "8", "--encoder-lr", "1e-4"])
     folder = runs / "synthetic" / "tiny"
-    train.main(["--model", "tiny", "--category", "synthetic", "--data-root", str(rgb_root),
-                "--out", str(folder), "--size", "32", "--batch-size", "8", "--encoder-lr", "1e-4"])
     with open(folder / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["stage"], r["epoch"]) for r in rows] == [
@@ -66,7 +66,7 @@ def test_a_registered_model_trains_in_its_stages_and_detects(tiny, rgb_root, tmp
     assert (ckpt["model_name"], ckpt["stage_index"], ckpt["config"]["encoder_lr"]) == ("tiny", 2, 1e-4)
     assert ckpt["model_args"] == {**TinyAE().config, "image_size": 32}
 
-    metrics = detect.main(["--class", "synthetic", "--outputs", str(runs),
+    metrics = detect.main(["--category", "synthetic", "--runs", str(runs),
                            "--results", str(tmp_path / "results"), "--data-root", str(rgb_root)])
     assert (metrics["model"], metrics["map"]) == ("tiny", "ssim")  # found without --model
     assert json.loads((tmp_path / "results" / "synthetic" / "metrics.json").read_text())["model"] == "tiny"

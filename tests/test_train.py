@@ -141,6 +141,14 @@ def test_bf16_autocast_trains_to_finite_losses(rgb_root, tmp_path, name):
     assert float(last["train_loss"]) < float(first["train_loss"])
 
 
+def test_one_vocabulary_class_and_category_runs_and_out():
+    args = train.parse_args(["--model", "dae", "--class", "bottle"])
+    assert args.category == "bottle" and args.out == os.path.join("outputs", "bottle", "dae")
+    args = train.parse_args(["--model", "vqvae", "--category", "bottle", "--runs", "elsewhere"])
+    assert args.out == os.path.join("elsewhere", "bottle", "vqvae")
+    assert train.parse_args(["--model", "dae", "--category", "bottle", "--out", "here"]).out == "here"
+
+
 def test_recipe_fills_what_the_command_line_leaves_open():
     args = train.parse_args(["--model", "savae", "--category", "bottle", "--prior-lr", "0.5"])
     schedule = (args.epochs, args.lr, args.prior_epochs, args.prior_lr, args.anomaly_fraction)
