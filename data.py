@@ -100,7 +100,10 @@ def list_categories(root):
 
 
 def image_files(folder):
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files of a folder, by name; macOS AppleDouble files ('._name.png', resource forks
+    left by copying from a Mac) are not images and are skipped."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("._"))
 
 
 def train_val_files(cat, val_fraction, seed):
@@ -225,26 +228,62 @@ def ensure_category(root, category, download=False, url=MVTEC_URL, sha256=MVTEC_
 
 # ----------------------------------------------------------------------------- decoding
 
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (older Pillow: "I")
+
+
+def to_rgb(im):
+    """Any mode MVTec-like data comes in -> 8-bit RGB with the same [0, 1] range.
+
+    16-bit grey (I;16, or I) is scaled from 0..65535, 32-bit float grey (F) taken as 0..1;
+    1-bit, 8-bit grey, palette and RGB convert as PIL does; alpha (RGBA, LA, PA) is dropped,
+    keeping the colour. (PIL's own convert("RGB") clips 16-bit values at 255: all white.)"""
+    if im.mode in WIDE_GREY_MODES or im.mode == "F":
+        grey = np.asarray(im).astype(np.float64)
+        grey = grey if im.mode == "F" else grey / 65535
+        im = Image.fromarray((np.clip(grey, 0, 1) * 255).round().astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def mask_array(im):
+    """A ground-truth mask of any mode as bool (H, W): non-zero = defect, so 0/1 and 0/255
+    masks, 1-bit, 16-bit and palette masks all read the same (alpha is ignored)."""
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGB")  # palette index 0 need not be black: compare colours
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        im = im.convert(im.mode[:-1].upper())
+    values = np.asarray(im)
+    return values.any(-1) if values.ndim == 3 else values != 0
+
+
 def read_image(path, size):
     """Decode to RGB (grayscale repeated to 3 channels), resize to size x size: uint8 (3, S, S)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            im = to_rgb(im).resize((size, size), Image.BILINEAR)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read image '{path}': {e}") from None
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
-def read_mask(path, size):
-    """Nearest-neighbour resize keeps the mask binary: uint8 {0, 1} (1, S, S)."""
+def read_mask(path, size, image_path=None):
+    """Nearest-neighbour resize keeps the mask binary: uint8 {0, 1} (1, S, S). Non-zero pixels
+    are defect. With image_path, a mask of another size than its image is an error, not a
+    silent resize (it would mark the wrong pixels)."""
     if path is None:
         return torch.zeros(1, size, size, dtype=torch.uint8)
     try:
         with Image.open(path) as im:
-            im = im.convert("L").resize((size, size), Image.NEAREST)
+            if image_path is not None:
+                with Image.open(image_path) as image:
+                    if image.size != im.size:
+                        raise DatasetError(
+                            f"mask '{path}' is {im.size[0]}x{im.size[1]} but its image '{image_path}' "
+                            f"is {image.size[0]}x{image.size[1]}; a mask must have its image's size")
+            binary = Image.fromarray(mask_array(im).astype(np.uint8))
+            binary = binary.resize((size, size), Image.NEAREST)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read mask '{path}': {e}") from None
-    return torch.from_numpy((np.asarray(im) > 127).astype(np.uint8))[None]
+    return torch.from_numpy(np.asarray(binary).astype(np.uint8))[None]
 
 
 def decode_all(fn, items, desc):
@@ -267,7 +306,7 @@ def load_split(root, category, split, size, val_fraction=0.1, seed=0):
     if not entries:
         raise DatasetError(f"split '{split}' of '{cat}' is empty (val_fraction={val_fraction})")
     images = decode_all(lambda e: read_image(e[0], size), entries, f"decode {category}/{split}")
-    masks = decode_all(lambda e: read_mask(e[2], size), entries, f"masks {category}/{split}")
+    masks = decode_all(lambda e: read_mask(e[2], size, e[0]), entries, f"masks {category}/{split}")
     return Split(
         images=torch.stack(images),
         labels=torch.tensor([int(d != "good") for _, d, _ in entries]),

@@ -1,0 +1,226 @@
+"""Bad input never loses a run, never gives a silently wrong number, never shows a traceback.
+
+Each test runs a script the way `python <script> ...` does (its `__main__` block, in this process
+to spare the interpreter start-up; Ctrl-C in a real subprocess) and asserts the exit code, the
+one line it prints and the files that must survive. One tiny DAE (32 px, 1 epoch) trained once
+for the module serves every test; tests that break data or checkpoints work on copies.
+"""
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import pickle
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+import data
+import detect
+import evaluate
+
+CATEGORY = "synthetic"
+
+
+# ----------------------------------------------------------------------------- running scripts
+
+def run_script(script, *args):
+    """(exit code, stdout, stderr) of `python script args`, run in this process. An exception the
+    script lets through propagates and fails the test: that is the traceback a user would see."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, code = sys.argv, 0
+    sys.argv = [script, *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            # warnings go to stderr as in a real run (pytest would otherwise collect them)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+            try:
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+            except SystemExit as e:
+                if isinstance(e.code, str):  # what the interpreter does with sys.exit("...")
+                    print(e.code, file=sys.stderr)
+                    code = 1
+                else:
+                    code = e.code or 0
+    finally:
+        sys.argv = saved_argv
+    return code, out.getvalue(), err.getvalue()
+
+
+def lines_of(stderr):
+    """Printed lines, without the progress bars (tqdm redraws with '\\r' and clears on close)."""
+    return [line.split("\r")[-1].strip() for line in stderr.split("\n") if line.split("\r")[-1].strip()]
+
+
+def error_line(result):
+    """The one `error: ...` line of a failed run (exit 1)."""
+    code, _, stderr = result
+    lines = lines_of(stderr)
+    assert code == 1, (code, stderr[-2000:])
+    assert "Traceback" not in stderr and len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
+    return lines[0]
+
+
+def argparse_line(result, script):
+    """argparse's own error line (after its usage lines), exit 2."""
+    code, _, stderr = result
+    assert code == 2 and "Traceback" not in stderr, stderr
+    last = lines_of(stderr)[-1]
+    assert last.startswith(f"{script}: error: "), stderr
+    return last
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def digests(folder):
+    return {p.name: digest(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def train_args(root, out, *extra):
+    return ["--model", "dae", "--category", CATEGORY, "--data-root", root, "--size", "32",
+            "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25", "--out", out, *extra]
+
+
+def detect_args(run, results, *extra, root=None):
+    return ["--class", CATEGORY, "--outputs", run.outputs, "--data-root", root or run.root,
+            "--results", results, "--no-pictures", *extra]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 12-image synthetic category (3 held out for val) and a DAE trained on it, 1 epoch at 32 px."""
+    base = tmp_path_factory.mktemp("robust")
+    root, outputs = base / "data", base / "outputs"
+    data.make_synthetic_category(root, CATEGORY, size=32, n_train=12, n_good_test=2, n_defect_test=2)
+    folder = outputs / CATEGORY / "dae"
+    code, _, stderr = run_script("train.py", *train_args(root, folder))
+    assert code == 0, stderr[-2000:]
+    return SimpleNamespace(root=root, outputs=outputs, folder=folder, base=base,
+                           ckpt=torch.load(folder / "checkpoint.pt", weights_only=True))
+
+
+def copy_root(run, tmp_path):
+    shutil.copytree(run.root, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def copy_outputs(run, tmp_path):
+    shutil.copytree(run.outputs, tmp_path / "outputs")
+    return tmp_path / "outputs", tmp_path / "outputs" / CATEGORY / "dae"
+
+
+# ----------------------------------------------------------------------------- 3. every image mode
+
+GREY = np.linspace(0, 255, 64).round().astype(np.uint8).reshape(8, 8)
+COLOUR = np.stack([GREY, 255 - GREY, GREY // 2], -1)
+PALETTE = [(40, 200, 10), (255, 0, 128), (0, 0, 0), (10, 20, 30)]
+
+
+def image_in_mode(mode):
+    """(PIL image in `mode`, the uint8 RGB (8, 8, 3) it shows)."""
+    grey3 = np.repeat(GREY[..., None], 3, -1)
+    if mode == "L":
+        return Image.fromarray(GREY, "L"), grey3
+    if mode == "I;16":  # 16-bit: v * 257 spans 0..65535 exactly as v spans 0..255
+        return Image.fromarray(GREY.astype(np.uint16) * 257), grey3
+    if mode == "RGB":
+        return Image.fromarray(COLOUR, "RGB"), COLOUR
+    if mode == "RGBA":
+        return Image.fromarray(np.dstack([COLOUR, np.full((8, 8), 90, np.uint8)]), "RGBA"), COLOUR
+    if mode == "LA":
+        return Image.fromarray(np.dstack([GREY, np.full((8, 8), 90, np.uint8)]), "LA"), grey3
+    if mode == "P":
+        index = (np.arange(64).reshape(8, 8) % 4).astype(np.uint8)
+        im = Image.fromarray(index, "P")
+        im.putpalette([c for rgb in PALETTE for c in rgb])
+        return im, np.array(PALETTE, np.uint8)[index]
+    if mode == "1":
+        return Image.fromarray(GREY > 127).convert("1"), np.repeat((GREY > 127)[..., None] * 255, 3, -1).astype(np.uint8)
+    raise ValueError(mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "RGB", "RGBA", "LA", "P", "1"])
+def test_every_image_mode_decodes_to_the_right_values(tmp_path, mode):
+    im, shown = image_in_mode(mode)
+    im.save(tmp_path / "x.png")
+    assert Image.open(tmp_path / "x.png").mode == mode
+    decoded = data.read_image(tmp_path / "x.png", 8).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(decoded, shown)  # 16-bit was all 255 (white) before
+
+
+def test_a_16_bit_category_loads_as_its_8_bit_original(run, tmp_path):
+    root = copy_root(run, tmp_path)
+    for path in (root / CATEGORY / "train" / "good").glob("*.png"):
+        Image.fromarray(np.asarray(Image.open(path).convert("L")).astype(np.uint16) * 257).save(path)
+    grey = data.load_split(run.root, CATEGORY, "train", 32, val_fraction=0.0).images.float()
+    wide = data.load_split(root, CATEGORY, "train", 32, val_fraction=0.0).images.float()
+    grey = (0.299 * grey[:, 0] + 0.587 * grey[:, 1] + 0.114 * grey[:, 2])  # PIL's RGB -> L
+    assert (wide[:, 0] - grey).abs().max() <= 1.0 and wide.mean() < 200
+
+
+MASK = np.zeros((8, 8), bool)
+MASK[2:5, 3:7] = True
+
+
+@pytest.mark.parametrize("kind", ["L 0/255", "L 0/1", "1", "I;16 0/1", "P", "RGBA", "LA"])
+def test_a_mask_reads_non_zero_as_defect_in_every_mode(tmp_path, kind):
+    m = MASK.astype(np.uint8)
+    im = {"L 0/255": lambda: Image.fromarray(m * 255, "L"),
+          "L 0/1": lambda: Image.fromarray(m, "L"),
+          "1": lambda: Image.fromarray(MASK).convert("1"),
+          "I;16 0/1": lambda: Image.fromarray(m.astype(np.uint16)),
+          "P": lambda: palette_mask(m),
+          "RGBA": lambda: Image.fromarray(np.dstack([m * 255] * 3 + [np.full_like(m, 255)]), "RGBA"),
+          "LA": lambda: Image.fromarray(np.dstack([m, np.full_like(m, 255)]), "LA")}[kind]()
+    im.save(tmp_path / "m.png")
+    np.testing.assert_array_equal(data.read_mask(tmp_path / "m.png", 8)[0].numpy(), m)
+
+
+def palette_mask(m):
+    im = Image.fromarray(m, "P")
+    im.putpalette([0, 0, 0, 255, 255, 0])
+    return im
+
+
+def test_masks_stored_as_0_and_1_give_pixel_metrics(run, tmp_path):
+    root = copy_root(run, tmp_path)
+    for path in (root / CATEGORY / "ground_truth").rglob("*_mask.png"):
+        Image.fromarray((np.asarray(Image.open(path)) > 0).astype(np.uint8), "L").save(path)
+    code, stdout, stderr = run_script("detect.py", *detect_args(run, tmp_path / "results", root=root))
+    assert code == 0, stderr
+    metrics = json.loads((tmp_path / "results" / CATEGORY / "metrics.json").read_text())
+    assert 0 <= metrics["pixel_auroc"] <= 1 and 0 <= metrics["aupro_0.3"] <= 1  # NaN before
+
+
+def test_a_mask_of_another_size_than_its_image_is_an_error(run, tmp_path):
+    root = copy_root(run, tmp_path)
+    mask = next((root / CATEGORY / "ground_truth").rglob("*_mask.png"))
+    Image.open(mask).resize((16, 16), Image.NEAREST).save(mask)
+    line = error_line(run_script("detect.py", *detect_args(run, tmp_path / "results", root=root)))
+    assert f"mask '{mask}' is 16x16 but its image" in line and "is 32x32; a mask must have its image's size" in line
+
+
+def test_macos_appledouble_files_are_skipped_everywhere(run, tmp_path):
+    root = copy_root(run, tmp_path)
+    cat = root / CATEGORY
+    for folder in ("train/good", "test/good", "test/blob_or_scratch", "ground_truth/blob_or_scratch"):
+        (cat / folder / "._000.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    code, _, stderr = run_script("train.py", *train_args(root, tmp_path / "out"))
+    assert code == 0, stderr
+    train, val = data.train_val_files(cat, 0.25, 0)
+    assert len(train) + len(val) == 12 and not any(p.name.startswith("._") for p in train + val)
+    assert len(data.load_split(root, CATEGORY, "test", 32)) == 4
