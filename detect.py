@@ -40,6 +40,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import checks  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 from models import load_model  # noqa: E402
@@ -312,7 +313,7 @@ def write_pictures(out, category, size, test, recons, maps, scores, threshold, v
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Localise defects of one MVTec AD class from reconstruction error.",
                                 formatter_class=data.HelpFormatter)
-    p.add_argument("--class", dest="category", required=True, help="MVTec AD class, e.g. bottle")
+    p.add_argument("--class", dest="category", required=True, type=checks.category_name, help="MVTec AD class, e.g. bottle")
     p.add_argument("--model", help="model name (default: the best trained one for the class)")
     p.add_argument("--checkpoint", help="checkpoint file (default: <outputs>/<class>/<model>/best.pt)")
     p.add_argument("--data-root", help="folder holding the categories (default: the checkpoint's)")
@@ -322,19 +323,19 @@ def parse_args(argv=None):
     p.add_argument("--map", help="l2, ssim, msgms, lpips, feature, the model's own (SAVAE/AR-SAVAE: "
                    "variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
                    "(default: the model's default_map, printed when the run starts)")
-    p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the map, pixels")
+    p.add_argument("--sigma", type=checks.non_negative_float, default=4.0, help="Gaussian smoothing of the map, pixels")
     p.add_argument("--baseline", choices=["train", "none"], default="train",
                    help="train: subtract from each map the per-pixel mean map of the training images")
     p.add_argument("--score", choices=["max", "topk"], default="max", help="image score from its map")
-    p.add_argument("--topk", type=int, default=100, help="pixels averaged by --score topk")
-    p.add_argument("--threshold", type=float, help="image/pixel threshold (default: max val score)")
+    p.add_argument("--topk", type=checks.positive_int, default=100, help="pixels averaged by --score topk")
+    p.add_argument("--threshold", type=checks.finite_float, help="image/pixel threshold (default: max val score)")
     p.add_argument("--save-maps", action="store_true", help="also write maps.npz (maps, masks)")
     p.add_argument("--no-pictures", action="store_true", help="skip the per-image pictures")
-    p.add_argument("--mc-passes", type=int, default=8, help="MC-dropout passes for epistemic maps")
-    p.add_argument("--seed", type=int, default=0, help="seeds the MC-dropout passes: same run, same numbers")
+    p.add_argument("--mc-passes", type=checks.positive_int, default=8, help="MC-dropout passes for epistemic maps")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="seeds the MC-dropout passes: same run, same numbers")
     p.add_argument("--lpips-backbone", help="local AlexNet weights for the lpips map")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", type=checks.device_name, default="auto")
+    p.add_argument("--batch-size", type=checks.positive_int, default=16)
     return p.parse_args(argv)
 
 
@@ -360,6 +361,7 @@ def main(argv=None):
     ckpt_path = find_checkpoint(args)
     model, ckpt = load_model(ckpt_path, device)
     cfg = ckpt["config"]
+    checks.check_topk(args.score, args.topk, cfg["size"])
     root = args.data_root or cfg["data_root"]
     data.ensure_category(root, args.category, args.download)
     args.map = args.map or model.default_map
@@ -414,5 +416,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (data.DatasetError, DetectError, losses.LPIPSUnavailable) as e:
+    except (data.DatasetError, DetectError, losses.LPIPSUnavailable, checks.RunError) as e:
         sys.exit(f"error: {e}")

@@ -36,6 +36,7 @@ from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from tqdm import tqdm
 
+import checks
 import data
 import losses
 from models import MODELS, load_model
@@ -70,7 +71,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FID / IS / KID of samples and reconstruction MSE / SSIM / "
                                             "LPIPS of trained models, into one summary table.",
                                 formatter_class=data.HelpFormatter)
-    p.add_argument("--category", required=True,
+    p.add_argument("--category", required=True, type=checks.category_name,
                    help="MVTec AD category, or 'all' for every category with trained models")
     p.add_argument("--models", nargs="+", choices=list(MODELS),
                    help="models to evaluate (default: every trained one)")
@@ -81,8 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1000, help="samples drawn per model (N)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="batch for sampling, reconstruction and Inception (samples depend on it and --seed)")
-    p.add_argument("--seed", type=int, default=0, help="seeds sampling and the IS/KID subsets")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="seeds sampling and the IS/KID subsets")
+    p.add_argument("--device", type=checks.device_name, default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-generation", action="store_true",
                    help="reconstruction metrics only (no samples, no Inception weights needed)")
     p.add_argument("--inception-weights", help=f"local {INCEPTION_FILE} (or ${INCEPTION_ENV})")
@@ -376,5 +377,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (EvaluationError, data.DatasetError, losses.LPIPSUnavailable) as e:
+    except (EvaluationError, data.DatasetError, losses.LPIPSUnavailable, checks.RunError) as e:
         sys.exit(f"error: {e}")

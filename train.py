@@ -28,6 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+import checks
 import data
 import losses
 from models import MODELS, build_model
@@ -52,19 +53,19 @@ def parse_args(argv=None):
                                 epilog=f"recipes (defaults per model):\n{recipes}",
                                 formatter_class=data.HelpFormatter)
     p.add_argument("--model", required=True, choices=list(MODELS))
-    p.add_argument("--category", required=True, help="MVTec AD category, e.g. bottle")
+    p.add_argument("--category", required=True, type=checks.category_name, help="MVTec AD category, e.g. bottle")
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
-    p.add_argument("--size", type=int, default=128,
+    p.add_argument("--size", type=checks.positive_int, default=128,
                    help="image side in pixels; a 256 px epoch costs about 4.4x a 128 px one (DAE on CPU)")
-    p.add_argument("--epochs", type=int, help="autoencoder epochs (default: the model's recipe)")
-    p.add_argument("--prior-epochs", type=int, help="epochs of the second stage: the prior (SAVAE, AR-SAVAE, VQ-VAE)")
-    p.add_argument("--prior-lr", type=float, help="peak learning rate of the prior stage (default: recipe)")
-    p.add_argument("--batch-size", type=int, default=16, help="total over all processes")
-    p.add_argument("--lr", type=float, help="peak learning rate, cosine-decayed (default: recipe)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="train/good held out for validation")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--epochs", type=checks.positive_int, help="autoencoder epochs (default: the model's recipe)")
+    p.add_argument("--prior-epochs", type=checks.positive_int, help="epochs of the second stage: the prior (SAVAE, AR-SAVAE, VQ-VAE)")
+    p.add_argument("--prior-lr", type=checks.positive_float, help="peak learning rate of the prior stage (default: recipe)")
+    p.add_argument("--batch-size", type=checks.positive_int, default=16, help="total over all processes")
+    p.add_argument("--lr", type=checks.positive_float, help="peak learning rate, cosine-decayed (default: recipe)")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0)
+    p.add_argument("--val-fraction", type=checks.open_fraction, default=0.1, help="train/good held out for validation")
+    p.add_argument("--device", type=checks.device_name, default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="output folder (default outputs/<category>/<model>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g = p.add_argument_group("speed")
@@ -74,21 +75,21 @@ def parse_args(argv=None):
                    help="bfloat16 autocast for the forward pass (pays where the hardware has bf16 units: "
                         "recent GPUs and CPUs; bench.py --profile measures it)")
     g = p.add_argument_group("model")
-    g.add_argument("--latent-dim", type=int, help="latent vector size (dae, beta_vae, savae)")
-    g.add_argument("--width", type=int, help="channels of the first conv layer (not vqvae)")
+    g.add_argument("--latent-dim", type=checks.positive_int, help="latent vector size (dae, beta_vae, savae)")
+    g.add_argument("--width", type=checks.positive_int, help="channels of the first conv layer (not vqvae)")
     g.add_argument("--bottleneck", choices=["vector", "spatial"],
                    help="latent layout of dae/beta_vae/savae (default: recipe)")
-    g.add_argument("--beta", type=float, help="KL weight (VAEs) or commitment weight (VQ-VAE)")
+    g.add_argument("--beta", type=checks.non_negative_float, help="KL weight (VAEs) or commitment weight (VQ-VAE)")
     g.add_argument("--no-ema", action="store_true", help="VQ-VAE: learn the codebook by gradient")
     g = p.add_argument_group("defect-detection recipe")
-    g.add_argument("--anomaly-fraction", type=float,
+    g.add_argument("--anomaly-fraction", type=checks.unit_fraction,
                    help="fraction of each batch given synthetic anomalies to restore (default: recipe)")
     g = p.add_argument_group("extra loss terms")
-    g.add_argument("--ssim-weight", type=float, help="weight of 1 - SSIM (default: recipe)")
-    g.add_argument("--ssim-warmup", type=float, default=0.1,
+    g.add_argument("--ssim-weight", type=checks.non_negative_float, help="weight of 1 - SSIM (default: recipe)")
+    g.add_argument("--ssim-warmup", type=checks.unit_fraction, default=0.1,
                    help="fraction of the first stage over which the SSIM weight ramps up from 0; with "
                         "the full weight from step 0 the model sits at the mean image for epochs")
-    g.add_argument("--lpips-weight", type=float, help="weight of LPIPS (default: recipe)")
+    g.add_argument("--lpips-weight", type=checks.non_negative_float, help="weight of LPIPS (default: recipe)")
     g.add_argument("--lpips-backbone", help=f"local AlexNet weights file (or ${losses.LPIPS_BACKBONE_ENV})")
     g.add_argument("--lpips-random-backbone", action="store_true",
                    help="allow a randomly initialised LPIPS backbone (logged as lpips_random)")
@@ -286,6 +287,7 @@ def save_pictures(model, val_images, out, seed, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    checks.check_model_config(args.model, model_args(args))  # before any data is read
     rank, world = setup_distributed()
     device = pick_device(args.device, rank)
     torch.manual_seed(args.seed)
@@ -378,7 +380,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (data.DatasetError, losses.LPIPSUnavailable, FloatingPointError, ValueError) as e:
+    except (data.DatasetError, losses.LPIPSUnavailable, FloatingPointError, ValueError, checks.RunError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: the last finished epoch is in checkpoint.pt; continue with --resume")

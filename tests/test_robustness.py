@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
+import checks
 import data
 import detect
 import evaluate
@@ -224,3 +225,76 @@ def test_macos_appledouble_files_are_skipped_everywhere(run, tmp_path):
     train, val = data.train_val_files(cat, 0.25, 0)
     assert len(train) + len(val) == 12 and not any(p.name.startswith("._") for p in train + val)
     assert len(data.load_split(root, CATEGORY, "test", 32)) == 4
+
+
+TRAIN_BASE = ["--model", "dae", "--category", CATEGORY]
+DETECT_BASE = ["--class", CATEGORY]
+EVALUATE_BASE = ["--category", CATEGORY]
+
+
+@pytest.mark.parametrize("script, base, flag, value, message", [
+    ("train.py", TRAIN_BASE, "--batch-size", "-4", "must be a positive integer, got '-4'"),
+    ("train.py", TRAIN_BASE, "--batch-size", "0", "must be a positive integer, got '0'"),
+    ("train.py", TRAIN_BASE, "--epochs", "0", "must be a positive integer, got '0'"),
+    ("train.py", TRAIN_BASE, "--prior-epochs", "0", "must be a positive integer, got '0'"),
+    ("train.py", TRAIN_BASE, "--val-fraction", "0", "must be a fraction strictly between 0 and 1, got '0'"),
+    ("train.py", TRAIN_BASE, "--val-fraction", "1", "must be a fraction strictly between 0 and 1, got '1'"),
+    ("train.py", TRAIN_BASE, "--val-fraction", "1.5", "must be a fraction strictly between 0 and 1, got '1.5'"),
+    ("train.py", TRAIN_BASE, "--size", "0", "must be a positive integer, got '0'"),
+    ("train.py", TRAIN_BASE, "--lr", "nan", "must be a finite number > 0, got 'nan'"),
+    ("train.py", TRAIN_BASE, "--lr", "0", "must be a finite number > 0, got '0'"),
+    ("train.py", TRAIN_BASE, "--seed", "-1", "must be an integer >= 0, got '-1'"),
+    ("train.py", TRAIN_BASE, "--anomaly-fraction", "2", "must be a fraction from 0 to 1, got '2'"),
+    ("train.py", TRAIN_BASE, "--ssim-weight", "-1", "must be a finite number >= 0, got '-1'"),
+    ("train.py", TRAIN_BASE, "--width", "0", "must be a positive integer, got '0'"),
+    ("detect.py", DETECT_BASE, "--topk", "0", "must be a positive integer, got '0'"),
+    ("detect.py", DETECT_BASE, "--mc-passes", "0", "must be a positive integer, got '0'"),
+    ("detect.py", DETECT_BASE, "--batch-size", "0", "must be a positive integer, got '0'"),
+    ("detect.py", DETECT_BASE, "--sigma", "-1", "must be a finite number >= 0, got '-1'"),
+    ("detect.py", DETECT_BASE, "--threshold", "nan", "must be a finite number, got 'nan'"),
+    ("evaluate.py", EVALUATE_BASE, "--batch-size", "0", "must be positive"),
+    ("evaluate.py", EVALUATE_BASE, "--num-samples", "0", "must be at least 10"),
+    ("evaluate.py", EVALUATE_BASE, "--seed", "-1", "must be an integer >= 0, got '-1'"),
+])
+def test_bad_numbers_are_refused_at_parse_time(tmp_path, script, base, flag, value, message):
+    line = argparse_line(run_script(script, *base, flag, value), script)
+    assert flag in line and message in line
+
+
+@pytest.mark.parametrize("model, size, message", [
+    ("dae", 4, "image size must be 8 * 2^k >= 16 (e.g. 64, 128, 256), got 4"),
+    ("dae", 8, "image size must be 8 * 2^k >= 16 (e.g. 64, 128, 256), got 8"),
+    ("beta_vae", 48, "image size must be 8 * 2^k >= 16 (e.g. 64, 128, 256), got 48"),
+    ("vqvae", 4, "image size must be a multiple of 4 and at least 8, got 4"),
+])
+def test_a_size_the_model_cannot_take_is_named_before_any_data_is_read(tmp_path, model, size, message):
+    result = run_script("train.py", "--model", model, "--category", CATEGORY, "--size", size,
+                        "--data-root", tmp_path / "nowhere", "--out", tmp_path / "out")
+    line = error_line(result)
+    assert line.startswith(f"error: {model} cannot be built with --size {size}") and line.endswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_topk_beyond_the_map_is_refused(run, tmp_path):
+    line = error_line(run_script("detect.py", *detect_args(run, tmp_path / "results", "--score", "topk",
+                                                           "--topk", "5000")))
+    assert line == ("error: --topk 5000 is more than the 1024 pixels of a 32 px map, so it would score "
+                    "the whole-map mean; pass at most 1024")
+
+
+@pytest.mark.parametrize("script, base", [("train.py", TRAIN_BASE), ("detect.py", DETECT_BASE),
+                                          ("evaluate.py", EVALUATE_BASE)])
+def test_device_cuda_without_cuda_is_refused_at_parse_time(monkeypatch, script, base):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = argparse_line(run_script(script, *base, "--device", "cuda"), script)
+    assert line == (f"{script}: error: argument --device: 'cuda': this machine has no usable CUDA device "
+                    "(torch.cuda.is_available() is False); use --device cpu or --device auto")
+
+
+def test_class_with_a_trailing_slash_is_the_class(run, tmp_path):
+    results = tmp_path / "results"
+    args = detect_args(run, results)
+    args[args.index(CATEGORY)] = CATEGORY + "/"
+    code, stdout, stderr = run_script("detect.py", *args)
+    assert code == 0, stderr
+    assert json.loads((results / CATEGORY / "metrics.json").read_text())["class"] == CATEGORY
