@@ -120,3 +120,68 @@ def check_topk(score, topk, size):
     if score == "topk" and topk > size * size:
         raise RunError(f"--topk {topk} is more than the {size * size} pixels of a {size} px map, so it "
                        f"would score the whole-map mean; pass at most {size * size}")
+
+
+# ----------------------------------------------------------------------------- output folders
+
+def writable_dir(path, flag):
+    """Create the folder if needed and prove it takes a file, before any work is done."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"{flag} '{path}' is a file, not a folder: pass a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise RunError(f"{flag} '{path}' cannot be written ({e.strerror or first_line(e)}): pass a "
+                       "folder you can write to") from None
+    return path
+
+
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.csv", "recon.png", "samples.png")
+
+
+def claim_run_dir(out, resume, overwrite):
+    """Check, before any work, the output folder of a training run. An existing run there is
+    never replaced silently: --resume continues it, --overwrite replaces it (clear_run, once the
+    data and the model are ready), anything else is refused."""
+    if resume and overwrite:
+        raise RunError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    out = writable_dir(out, "--out")
+    found = [name for name in RUN_FILES[:3] if (out / name).exists()]
+    if found and not (resume or overwrite):
+        raise RunError(f"'{out}' already holds a trained run ({', '.join(found)}); continue it with "
+                       "--resume, replace it with --overwrite, or pass another --out")
+    return out
+
+
+def clear_run(out):
+    """--overwrite: delete the old run's files, so none of them is mistaken for the new run's."""
+    for name in RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (Path(out) / name).unlink()
+
+
+def write_atomic(path, write, binary=False):
+    """write(file) into <path>.tmp, then rename over path: the old file survives any failure.
+    A full disk or a vanished folder becomes one line that says what was kept."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        # a Python file object: torch.save to a path reports a full disk as a RuntimeError
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        kept = (f"the previous '{path.name}' is kept intact" if path.exists()
+                else f"no '{path.name}' was written")
+        raise RunError(f"could not write '{path}' ({e.strerror or first_line(e)}); {kept}: free disk "
+                       "space, then run again (train.py continues from the last saved epoch with "
+                       "--resume)") from None
+    except BaseException:  # Ctrl-C mid-write: leave no partial file behind either
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -358,6 +358,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    out = checks.writable_dir(Path(args.results) / args.category, "--results")  # before the work
     ckpt_path = find_checkpoint(args)
     model, ckpt = load_model(ckpt_path, device)
     cfg = ckpt["config"]
@@ -398,8 +399,6 @@ def main(argv=None):
         "threshold_rule": "--threshold" if args.threshold is not None else "max of val image scores",
         **detection_metrics(scores, labels, map_test, masks, threshold),
     }
-    out = Path(args.results) / args.category
-    out.mkdir(parents=True, exist_ok=True)
     write_tables(out, metrics, test, scores, map_test, masks, args.save_maps)
     roc_picture(out / "roc.png", scores, labels,
                 f"{args.category} {ckpt['model_name']} {args.map}: AUROC {metrics['image_auroc']:.3f}")

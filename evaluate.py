@@ -357,6 +357,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)  # torch-fidelity moves Inception with a bare .cuda()
     jobs = find_jobs(args.outputs, args.category, args.models)
+    checks.writable_dir(args.outputs, "--outputs")  # the summary and samples go there: check first
     inception = None if args.no_generation else locate_inception(args.inception_weights,
                                                                   args.allow_unofficial_inception)
     if inception and not inception[1]:

@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--device", type=checks.device_name, default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="output folder (default outputs/<category>/<model>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (deleted first); without it, or --resume, "
+                        "an existing run is never touched")
     g = p.add_argument_group("speed")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (the first steps compile)")
@@ -144,19 +147,17 @@ def epoch_seed(seed, stage_index, epoch):
 
 
 def save_atomic(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    checks.write_atomic(path, lambda f: torch.save(obj, f), binary=True)  # a full disk: one line
 
 
 def write_csv_atomic(rows, path):
     header = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
+
+    def write(f):
         writer = csv.DictWriter(f, header, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
+    checks.write_atomic(path, write)
 
 
 def read_rows_until(path, stage_index, epoch):
@@ -278,9 +279,11 @@ def validate(model, images, args, stage, device):
 def save_pictures(model, val_images, out, seed, device):
     model.eval()
     x = data.to_float(val_images[:8], device)
-    save_image(torch.cat([x, model.reconstruct(x)]), os.path.join(out, "recon.png"), nrow=len(x))
+    pairs = torch.cat([x, model.reconstruct(x)])
     samples = model.sample(16, torch.Generator().manual_seed(seed))
-    save_image(samples, os.path.join(out, "samples.png"), nrow=8)
+    for name, images, nrow in (("recon.png", pairs, len(x)), ("samples.png", samples, 8)):
+        checks.write_atomic(os.path.join(out, name), lambda f: save_image(images, f, nrow=nrow, format="png"),
+                            binary=True)
 
 
 # ----------------------------------------------------------------------------- main
@@ -291,6 +294,7 @@ def main(argv=None):
     rank, world = setup_distributed()
     device = pick_device(args.device, rank)
     torch.manual_seed(args.seed)
+    checks.claim_run_dir(args.out, args.resume, args.overwrite)
     if rank == 0:
         data.ensure_category(args.data_root, args.category, args.download)
     if world > 1:
@@ -305,6 +309,8 @@ def main(argv=None):
             print("warning: the LPIPS term uses a RANDOMLY INITIALISED backbone; it is logged as "
                   "'lpips_random' and is not LPIPS")
     os.makedirs(args.out, exist_ok=True)
+    if args.overwrite and rank == 0:
+        checks.clear_run(args.out)
     ckpt_path, best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best.pt")
     metrics_path = os.path.join(args.out, "metrics.csv")
 

@@ -124,6 +124,34 @@ def copy_outputs(run, tmp_path):
     return tmp_path / "outputs", tmp_path / "outputs" / CATEGORY / "dae"
 
 
+# ----------------------------------------------------------------------------- 1. a finished run is kept
+
+def test_rerun_without_resume_refuses_and_keeps_the_finished_run(run, tmp_path):
+    outputs, folder = copy_outputs(run, tmp_path)
+    before = digests(folder)
+    line = error_line(run_script("train.py", *train_args(run.root, folder)))
+    assert f"'{folder}' already holds a trained run (checkpoint.pt, best.pt, metrics.csv)" in line
+    assert "--resume" in line and "--overwrite" in line
+    assert digests(folder) == before
+
+
+def test_overwrite_replaces_the_old_run_entirely(run, tmp_path):
+    outputs, folder = copy_outputs(run, tmp_path)
+    old = digests(folder)
+    code, _, stderr = run_script("train.py", *train_args(run.root, folder, "--overwrite", "--seed", "1"))
+    assert code == 0, stderr
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["config"]["seed"] == 1
+    assert (folder / "metrics.csv").read_text().count("\n") == 2  # header + this run's one epoch
+    assert all(digests(folder)[name] != old[name] for name in ("checkpoint.pt", "best.pt"))
+
+
+def test_resume_and_overwrite_together_are_refused(run, tmp_path):
+    outputs, folder = copy_outputs(run, tmp_path)
+    before = digests(folder)
+    line = error_line(run_script("train.py", *train_args(run.root, folder, "--resume", "--overwrite")))
+    assert "pass one of them" in line and digests(folder) == before
+
+
 # ----------------------------------------------------------------------------- 3. every image mode
 
 GREY = np.linspace(0, 255, 64).round().astype(np.uint8).reshape(8, 8)
@@ -280,6 +308,66 @@ def test_topk_beyond_the_map_is_refused(run, tmp_path):
                                                            "--topk", "5000")))
     assert line == ("error: --topk 5000 is more than the 1024 pixels of a 32 px map, so it would score "
                     "the whole-map mean; pass at most 1024")
+
+
+# ----------------------------------------------------------------------------- output folders, disk, device
+
+def test_results_that_cannot_be_a_folder_are_refused_before_the_work(run, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    missing = tmp_path / "no.pt"  # checked after the output folder: the folder error comes first
+    line = error_line(run_script("detect.py", *detect_args(run, blocker, "--checkpoint", missing)))
+    assert line == f"error: --results '{blocker / CATEGORY}' cannot be written (Not a directory): pass a folder you can write to"
+    results = tmp_path / "results"
+    (results).mkdir()
+    (results / CATEGORY).write_text("x")
+    line = error_line(run_script("detect.py", *detect_args(run, results, "--checkpoint", missing)))
+    assert line == f"error: --results '{results / CATEGORY}' is a file, not a folder: pass a folder"
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_data_is_read(tmp_path):
+    out = tmp_path / "out"
+    out.write_text("x")
+    line = error_line(run_script("train.py", "--model", "dae", "--category", CATEGORY, "--size", "32",
+                                 "--data-root", tmp_path / "nowhere", "--out", out))
+    assert line == f"error: --out '{out}' is a file, not a folder: pass a folder"
+    line = error_line(run_script("train.py", "--model", "dae", "--category", CATEGORY, "--size", "32",
+                                 "--data-root", tmp_path / "nowhere", "--out", out / "run"))
+    assert line.startswith(f"error: --out '{out / 'run'}' cannot be written (Not a directory)")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_results_folder_is_refused(run, tmp_path):
+    results = tmp_path / "results"
+    (results / CATEGORY).mkdir(parents=True)
+    (results / CATEGORY).chmod(0o500)
+    try:
+        line = error_line(run_script("detect.py", *detect_args(run, results)))
+        assert "cannot be written (Permission denied)" in line
+    finally:
+        (results / CATEGORY).chmod(0o700)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(run, tmp_path, monkeypatch):
+    outputs, folder = copy_outputs(run, tmp_path)
+    before = digests(folder)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kw):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", full_disk)
+    line = error_line(run_script("train.py", *train_args(run.root, folder, "--resume", "--epochs", "2")))
+    assert line == (f"error: could not write '{folder / 'checkpoint.pt'}' (No space left on device); the "
+                    "previous 'checkpoint.pt' is kept intact: free disk space, then run again (train.py "
+                    "continues from the last saved epoch with --resume)")
+    after = digests(folder)
+    assert after["checkpoint.pt"] == before["checkpoint.pt"] and after["best.pt"] == before["best.pt"]
+    assert not list(folder.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the run continues where it was
+    code, _, stderr = run_script("train.py", *train_args(run.root, folder, "--resume", "--epochs", "2"))
+    assert code == 0, stderr
+    assert [r.split(",")[2] for r in (folder / "metrics.csv").read_text().splitlines()[1:]] == ["0", "1"]
 
 
 @pytest.mark.parametrize("script, base", [("train.py", TRAIN_BASE), ("detect.py", DETECT_BASE),
