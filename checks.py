@@ -25,6 +25,10 @@ class RunError(Exception):
     """A problem the user can fix (bad checkpoint, unwritable folder, ...): printed as one line."""
 
 
+class CheckpointError(RunError):
+    """A checkpoint file that cannot be used: missing, empty, truncated, foreign or non-finite."""
+
+
 def first_line(e, limit=160):
     text = (str(e).strip().splitlines() or [""])[0]
     return text if len(text) <= limit else text[:limit] + "..."
@@ -185,3 +189,135 @@ def write_atomic(path, write, binary=False):
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+REQUIRED_KEYS = ("model_name", "model_args", "model_state")
+RESUME_KEYS = ("optimizer_state", "stage_index", "epoch", "step", "best_val", "config")
+
+
+def _read(path, device):
+    """The checkpoint dict, or the reason it cannot be used (a string)."""
+    path = Path(path)
+    if not path.is_file():
+        return None, "not found"
+    if path.stat().st_size == 0:
+        return None, "is empty (0 bytes)"
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickles before failing on them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated zip, a random pickle, text, ...: all mean "unreadable"
+        why = first_line(e, 100)
+        if why.startswith("Weights only load failed"):  # torch's long advice is about trusted files
+            why = "it holds objects other than tensors and plain values"
+        return None, f"cannot be read: truncated, corrupt or not a PyTorch checkpoint ({type(e).__name__}: {why})"
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        return None, (f"is not a train.py checkpoint (it has no {', '.join(missing)}; a bare "
+                      "state_dict or another program's file?)")
+    if ckpt["model_name"] not in MODELS:
+        return None, f"names an unknown model '{ckpt['model_name']}' (known: {', '.join(MODELS)})"
+    bad = [k for k, v in ckpt["model_state"].items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        return None, (f"holds non-finite (NaN or inf) weights in {bad[0]}"
+                      f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}: the run "
+                      "diverged or the file is damaged; retrain")
+    return ckpt, None
+
+
+def intact_sibling(path, device="cpu"):
+    """Another checkpoint of the same run (best.pt / checkpoint.pt) that reads fine, or None."""
+    path = Path(path)
+    for name in ("checkpoint.pt", "best.pt"):
+        other = path.with_name(name)
+        if other.name != path.name and other.is_file() and _read(other, device)[0] is not None:
+            return other
+    return None
+
+
+def read_checkpoint(path, device="cpu", use_hint="pass it with --checkpoint"):
+    """A train.py checkpoint dict, checked; every failure is one CheckpointError line that names
+    an intact checkpoint.pt / best.pt beside the broken file when there is one."""
+    ckpt, problem = _read(path, device)
+    if ckpt is None:
+        sibling = intact_sibling(path, device) if Path(path).is_file() else None
+        hint = f"; '{sibling}' beside it is intact: {use_hint}" if sibling else ""
+        raise CheckpointError(f"checkpoint '{path}' {problem}{hint}")
+    return ckpt
+
+
+def load_weights(model, ckpt, path):
+    """model.load_state_dict(ckpt['model_state']) with one line, not a traceback, on a mismatch."""
+    if ckpt["model_args"] != model.config:
+        diff = sorted(k for k in set(model.config) | set(ckpt["model_args"])
+                      if model.config.get(k) != ckpt["model_args"].get(k))
+        raise CheckpointError(
+            f"checkpoint '{path}' was trained with other model settings ("
+            + ", ".join(f"{k}={ckpt['model_args'].get(k)} vs {model.config.get(k)} now" for k in diff) + ")")
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights in '{path}' do not fit its {ckpt['model_name']} "
+                              f"({first_line(e, 120)})") from None
+
+
+def load_checkpoint(path, device="cpu", expected=None, advice=None, use_hint="pass it with --checkpoint"):
+    """(model in eval mode, checkpoint) as models.load_model, every failure one line.
+    expected: the model the user asked for (--model); a checkpoint of another model is refused."""
+    ckpt = read_checkpoint(path, device, use_hint)
+    actual = ckpt["model_name"]
+    if expected and actual != expected:
+        advice = advice or f"pass a {expected} checkpoint, or drop --model to run the {actual}"
+        raise CheckpointError(f"checkpoint '{path}' holds a {actual} model, not a {expected}: {advice}")
+    try:
+        model = build_model(ckpt["model_name"], **ckpt["model_args"]).to(device)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint '{path}' has model settings its {ckpt['model_name']} does "
+                              f"not take ({first_line(e)})") from None
+    load_weights(model, ckpt, path)
+    return model.eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- resuming
+
+# settings that fix the data split, the batches or the architecture: a resumed run must keep them
+RESUME_FIXED = {"model": "--model", "category": "--category", "size": "--size", "seed": "--seed",
+                "val_fraction": "--val-fraction", "batch_size": "--batch-size",
+                "latent_dim": "--latent-dim", "width": "--width", "bottleneck": "--bottleneck",
+                "beta": "--beta", "no_ema": "--no-ema"}
+# settings a resumed run takes from the command line, from the resumed epoch on
+RESUME_FOLLOWS = {"epochs": "--epochs", "prior_epochs": "--prior-epochs", "lr": "--lr",
+                  "prior_lr": "--prior-lr", "anomaly_fraction": "--anomaly-fraction",
+                  "ssim_weight": "--ssim-weight", "ssim_warmup": "--ssim-warmup",
+                  "lpips_weight": "--lpips-weight"}
+
+
+def read_resume(out, config, device):
+    """The checkpoint --resume continues, checked against this run's settings (a dict of the
+    parsed arguments): a setting that changes the data, the batches or the model is refused."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.exists():
+        raise CheckpointError(f"--resume: no checkpoint at '{path}'; train without --resume first")
+    ckpt = read_checkpoint(path, device, use_hint="resume reads checkpoint.pt only: start over with "
+                                                  "--overwrite, or train into another --out")
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"--resume: '{path}' has no {', '.join(missing)}, so it cannot be "
+                              "continued; start over with --overwrite")
+    was = ckpt["config"]
+    changed = [(flag, was.get(key), config.get(key)) for key, flag in RESUME_FIXED.items()
+               if key in was and was[key] != config.get(key)]
+    if changed:
+        flag, old, new = changed[0]
+        more = f" (and {', '.join(c[0] for c in changed[1:])})" if len(changed) > 1 else ""
+        raise CheckpointError(
+            f"--resume: {flag} is {new} but the run in '{out}' used {old}{more}; the split, the batches "
+            "and the model stay as they were on resume: pass the run's value, or start over with --overwrite")
+    for key, flag in RESUME_FOLLOWS.items():
+        if key in was and was[key] != config.get(key):
+            print(f"note: --resume: {flag} {config.get(key)} (the run had {was[key]}) applies from the "
+                  "resumed epoch on")
+    return ckpt

@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import checks  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
-from models import load_model  # noqa: E402
+from models import MODELS  # noqa: E402
 
 # Tried in this order when --model is not given: by image, then pixel AUROC on bottle (README, Detection).
 PREFERRED_MODELS = ["dae", "beta_vae", "ar_savae", "savae", "vqvae"]
@@ -314,7 +314,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Localise defects of one MVTec AD class from reconstruction error.",
                                 formatter_class=data.HelpFormatter)
     p.add_argument("--class", dest="category", required=True, type=checks.category_name, help="MVTec AD class, e.g. bottle")
-    p.add_argument("--model", help="model name (default: the best trained one for the class)")
+    p.add_argument("--model", choices=list(MODELS), help="model name (default: the best trained one for the class)")
     p.add_argument("--checkpoint", help="checkpoint file (default: <outputs>/<class>/<model>/best.pt)")
     p.add_argument("--data-root", help="folder holding the categories (default: the checkpoint's)")
     p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
@@ -360,7 +360,7 @@ def main(argv=None):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     out = checks.writable_dir(Path(args.results) / args.category, "--results")  # before the work
     ckpt_path = find_checkpoint(args)
-    model, ckpt = load_model(ckpt_path, device)
+    model, ckpt = checks.load_checkpoint(ckpt_path, device, expected=args.model)
     cfg = ckpt["config"]
     checks.check_topk(args.score, args.topk, cfg["size"])
     root = args.data_root or cfg["data_root"]

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import checks
 import data
 import losses
-from models import MODELS, load_model
+from models import MODELS
 from train import pick_device, write_csv_atomic
 
 INCEPTION_ENV = "INCEPTION_WEIGHTS"
@@ -274,9 +274,16 @@ def fidelity_metrics(gen_dir, ref_dir, n_gen, n_ref, weights, official, cuda, ba
     return {**dict(zip(names, values)), "kid_subset_size": subset}
 
 
+def load_job(path, name, device):
+    """The checkpoint of <category>/<name>/, checked (one line for a broken or foreign file)."""
+    return checks.load_checkpoint(path, device, expected=name,
+                                  advice=f"it sits in the '{name}' folder; move it to its own model's folder",
+                                  use_hint="move the broken file away and evaluate.py takes it")
+
+
 def evaluate_model(category, name, path, args, device, inception, perceptual):
     """One summary row: generation metrics (unless skipped) and reconstruction metrics."""
-    model, ckpt = load_model(path, device)
+    model, ckpt = load_job(path, name, device)
     config = ckpt.get("config", {})
     root = args.data_root or config.get("data_root") or data.DEFAULT_ROOT
     data.ensure_category(root, category, args.download)
@@ -358,6 +365,8 @@ def main(argv=None):
         torch.cuda.set_device(device)  # torch-fidelity moves Inception with a bare .cuda()
     jobs = find_jobs(args.outputs, args.category, args.models)
     checks.writable_dir(args.outputs, "--outputs")  # the summary and samples go there: check first
+    for _, name, path in jobs:  # every checkpoint readable before hours of sampling
+        load_job(path, name, "cpu")
     inception = None if args.no_generation else locate_inception(args.inception_weights,
                                                                   args.allow_unofficial_inception)
     if inception and not inception[1]:

@@ -295,6 +295,7 @@ def main(argv=None):
     device = pick_device(args.device, rank)
     torch.manual_seed(args.seed)
     checks.claim_run_dir(args.out, args.resume, args.overwrite)
+    resume = checks.read_resume(args.out, vars(args), device) if args.resume else None
     if rank == 0:
         data.ensure_category(args.data_root, args.category, args.download)
     if world > 1:
@@ -314,12 +315,8 @@ def main(argv=None):
     ckpt_path, best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best.pt")
     metrics_path = os.path.join(args.out, "metrics.csv")
 
-    resume = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise data.DatasetError(f"--resume: no checkpoint at '{ckpt_path}'")
-        resume = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(resume["model_state"])
+    if resume:
+        checks.load_weights(model, resume, ckpt_path)
     rows = read_rows_until(metrics_path, resume["stage_index"], resume["epoch"]) if resume else []
     config = {k: v for k, v in vars(args).items()}
     config["lpips_backbone_kind"] = None if perceptual is None else perceptual.name

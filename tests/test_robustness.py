@@ -152,6 +152,18 @@ def test_resume_and_overwrite_together_are_refused(run, tmp_path):
     assert "pass one of them" in line and digests(folder) == before
 
 
+@pytest.mark.parametrize("flag, value, was", [
+    ("--seed", "1", "0"), ("--val-fraction", "0.5", "0.25"), ("--batch-size", "4", "8"),
+    ("--size", "64", "32"), ("--model", "beta_vae", "dae"), ("--latent-dim", "1024", "2048"),
+])
+def test_resume_with_settings_that_change_data_or_model_is_refused(run, tmp_path, flag, value, was):
+    outputs, folder = copy_outputs(run, tmp_path)
+    before = digests(folder)
+    line = error_line(run_script("train.py", *train_args(run.root, folder, "--resume", flag, value)))
+    assert line.startswith(f"error: --resume: {flag} is {value} but the run in '{folder}' used {was}")
+    assert "start over with --overwrite" in line and digests(folder) == before
+
+
 # ----------------------------------------------------------------------------- 3. every image mode
 
 GREY = np.linspace(0, 255, 64).round().astype(np.uint8).reshape(8, 8)
@@ -255,6 +267,30 @@ def test_macos_appledouble_files_are_skipped_everywhere(run, tmp_path):
     assert len(data.load_split(root, CATEGORY, "test", 32)) == 4
 
 
+# ----------------------------------------------------------------------------- 4. non-finite and degenerate
+
+def nan_checkpoint(run, path):
+    ckpt = torch.load(run.folder / "best.pt", weights_only=True)
+    key = next(k for k, v in ckpt["model_state"].items() if v.is_floating_point())
+    ckpt["model_state"][key] = torch.full_like(ckpt["model_state"][key], float("nan"))
+    torch.save(ckpt, path)
+    return key
+
+
+def test_nan_weights_stop_detect_and_evaluate_with_one_line(run, tmp_path):
+    bad = tmp_path / "nan.pt"
+    key = nan_checkpoint(run, bad)
+    line = error_line(run_script("detect.py", *detect_args(run, tmp_path / "results", "--checkpoint", bad)))
+    assert line == (f"error: checkpoint '{bad}' holds non-finite (NaN or inf) weights in {key}: the run "
+                    "diverged or the file is damaged; retrain")
+    assert not (tmp_path / "results" / CATEGORY / "metrics.json").exists()
+    outputs, folder = copy_outputs(run, tmp_path)
+    nan_checkpoint(run, folder / "best.pt")
+    line = error_line(run_script("evaluate.py", "--category", CATEGORY, "--outputs", outputs, "--no-generation"))
+    assert "non-finite (NaN or inf) weights" in line and f"'{folder / 'checkpoint.pt'}' beside it is intact" in line
+    assert not (outputs / evaluate.SUMMARY_FILE).exists()
+
+
 TRAIN_BASE = ["--model", "dae", "--category", CATEGORY]
 DETECT_BASE = ["--class", CATEGORY]
 EVALUATE_BASE = ["--category", CATEGORY]
@@ -308,6 +344,79 @@ def test_topk_beyond_the_map_is_refused(run, tmp_path):
                                                            "--topk", "5000")))
     assert line == ("error: --topk 5000 is more than the 1024 pixels of a 32 px map, so it would score "
                     "the whole-map mean; pass at most 1024")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def break_checkpoint(kind, path, run):
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        good = (run.folder / "best.pt").read_bytes()
+        path.write_bytes(good[:len(good) // 2])
+    elif kind == "random pickle":
+        path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    elif kind == "foreign state_dict":
+        torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    return digest(path)
+
+
+PROBLEMS = {"empty": "is empty (0 bytes)",
+            "truncated": "cannot be read: truncated, corrupt or not a PyTorch checkpoint",
+            "random pickle": "cannot be read: truncated, corrupt or not a PyTorch checkpoint",
+            "foreign state_dict": "is not a train.py checkpoint (it has no model_name, model_args, model_state"}
+
+
+@pytest.mark.parametrize("kind", list(PROBLEMS))
+@pytest.mark.parametrize("tool", ["detect", "evaluate", "resume"])
+def test_a_broken_checkpoint_is_one_line_in_every_tool(run, tmp_path, tool, kind):
+    outputs, folder = copy_outputs(run, tmp_path)
+    if tool == "detect":
+        bad = tmp_path / "bad.pt"
+        kept = break_checkpoint(kind, bad, run)
+        result = run_script("detect.py", *detect_args(run, tmp_path / "results", "--checkpoint", bad))
+    elif tool == "evaluate":
+        bad = folder / "best.pt"
+        (folder / "checkpoint.pt").unlink()
+        kept = break_checkpoint(kind, bad, run)
+        result = run_script("evaluate.py", "--category", CATEGORY, "--outputs", outputs, "--no-generation")
+    else:
+        bad = folder / "checkpoint.pt"
+        kept = break_checkpoint(kind, bad, run)
+        best = digest(folder / "best.pt")
+        result = run_script("train.py", *train_args(run.root, folder, "--resume"))
+    line = error_line(result)
+    assert line.startswith(f"error: checkpoint '{bad}' {PROBLEMS[kind]}")
+    assert digest(bad) == kept  # nothing is deleted or rewritten
+    if tool == "resume":
+        assert digest(folder / "best.pt") == best
+        assert line.endswith(f"'{folder / 'best.pt'}' beside it is intact: resume reads checkpoint.pt only: "
+                             "start over with --overwrite, or train into another --out")
+
+
+def test_a_truncated_best_pt_names_the_intact_checkpoint_pt_beside_it(run, tmp_path):
+    outputs, folder = copy_outputs(run, tmp_path)
+    break_checkpoint("truncated", folder / "best.pt", run)
+    results = tmp_path / "results"
+    line = error_line(run_script("detect.py", *detect_args(SimpleNamespace(outputs=outputs, root=run.root), results)))
+    good = folder / "checkpoint.pt"
+    assert line.startswith(f"error: checkpoint '{folder / 'best.pt'}' cannot be read")
+    assert line.endswith(f"; '{good}' beside it is intact: pass it with --checkpoint")
+    code, _, stderr = run_script("detect.py", *detect_args(SimpleNamespace(outputs=outputs, root=run.root),
+                                                           results, "--checkpoint", good))
+    assert code == 0 and (results / CATEGORY / "metrics.json").is_file(), stderr
+
+
+def test_model_given_with_a_checkpoint_of_another_model_is_refused(run, tmp_path):
+    line = error_line(run_script("detect.py", *detect_args(run, tmp_path / "results", "--model", "vqvae",
+                                                           "--checkpoint", run.folder / "best.pt")))
+    assert line == (f"error: checkpoint '{run.folder / 'best.pt'}' holds a dae model, not a vqvae: pass a "
+                    "vqvae checkpoint, or drop --model to run the dae")
+    outputs, folder = copy_outputs(run, tmp_path)
+    shutil.copytree(folder, outputs / CATEGORY / "vqvae")
+    line = error_line(run_script("evaluate.py", "--category", CATEGORY, "--outputs", outputs, "--models", "vqvae",
+                                 "--no-generation"))
+    assert "holds a dae model, not a vqvae: it sits in the 'vqvae' folder" in line
 
 
 # ----------------------------------------------------------------------------- output folders, disk, device
