@@ -321,3 +321,15 @@ def read_resume(out, config, device):
             print(f"note: --resume: {flag} {config.get(key)} (the run had {was[key]}) applies from the "
                   "resumed epoch on")
     return ckpt
+
+
+def split_of(ckpt, path, root, category):
+    """The train/val file record stored in the checkpoint. A checkpoint from before records were
+    kept gets the split recomputed from its seed and val fraction, with a warning."""
+    if ckpt.get("split"):
+        return ckpt["split"]
+    cfg = ckpt.get("config", {})
+    print(f"warning: '{path}' does not record its train/val files (written by an older train.py); "
+          f"the val split is recomputed from seed {cfg.get('seed', 0)} and val fraction "
+          f"{cfg.get('val_fraction', 0.1)}, which is right only if train/good is unchanged since training")
+    return data.split_record(root, category, cfg.get("val_fraction", 0.1), cfg.get("seed", 0))

@@ -121,6 +121,49 @@ def train_val_files(cat, val_fraction, seed):
     return train, val
 
 
+class SplitChanged(DatasetError):
+    """Files of a recorded train/val split are gone or changed since training."""
+
+
+def file_record(path):
+    """What identifies one image file: its name, size in bytes and SHA-256."""
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def split_record(root, category, val_fraction, seed):
+    """The train/val split of train/good as it is now, file by file: train.py stores it in every
+    checkpoint, so detection and evaluation use exactly the images held out from training,
+    whatever happens to the folder, the seed or --val-fraction later."""
+    train, val = train_val_files(category_dir(root, category), val_fraction, seed)
+    return {"folder": "train/good", "val_fraction": val_fraction, "seed": seed,
+            "train": [file_record(p) for p in train], "val": [file_record(p) for p in val]}
+
+
+def split_files(root, category, record, which):
+    """Paths of the recorded 'train' or 'val' files, each checked against its recorded size and
+    SHA-256. Files added to the folder since are not used; missing or changed ones are an error."""
+    folder = category_dir(root, category) / record["folder"]
+    paths, missing, changed = [], [], []
+    for r in record[which]:
+        path = folder / r["name"]
+        paths.append(path)
+        if not path.is_file():
+            missing.append(r["name"])
+        elif path.stat().st_size != r["bytes"] or sha256_of(path) != r["sha256"]:
+            changed.append(r["name"])
+    if missing or changed:
+        def some(names):
+            return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        problems = ([f"{len(missing)} missing ({some(missing)})"] if missing else []) + \
+                   ([f"{len(changed)} changed ({some(changed)})"] if changed else [])
+        use = ("the detection threshold is calibrated on exactly these held-out images" if which == "val"
+               else "they are the images the model was trained on")
+        raise SplitChanged(f"of the {len(record[which])} {which} images recorded in the checkpoint, "
+                           f"{' and '.join(problems)} in '{folder}'; {use}: restore them, or train a "
+                           "new model on the folder as it is now")
+    return paths
+
+
 def test_files(cat):
     """(image path, defect type, mask path or None) for every test image, good ones first."""
     test = cat / "test"
@@ -293,16 +336,19 @@ def decode_all(fn, items, desc):
                          disable=len(items) < 50))
 
 
-def load_split(root, category, split, size, val_fraction=0.1, seed=0):
-    """Load one split ('train', 'val' or 'test') of a category into memory."""
+def load_split(root, category, split, size, val_fraction=0.1, seed=0, files=None):
+    """Load one split ('train', 'val' or 'test') of a category into memory; files: the train or
+    val paths to load (split_files of a checkpoint's record) instead of recomputing the split."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}")
     cat = category_dir(root, category)
     if split == "test":
         entries = test_files(cat)
     else:
-        train, val = train_val_files(cat, val_fraction, seed)
-        entries = [(p, "good", None) for p in (train if split == "train" else val)]
+        if files is None:
+            train, val = train_val_files(cat, val_fraction, seed)
+            files = train if split == "train" else val
+        entries = [(p, "good", None) for p in files]
     if not entries:
         raise DatasetError(f"split '{split}' of '{cat}' is empty (val_fraction={val_fraction})")
     images = decode_all(lambda e: read_image(e[0], size), entries, f"decode {category}/{split}")

@@ -372,7 +372,9 @@ def main(argv=None):
         raise DetectError(f"unknown map '{args.map}' for {ckpt['model_name']} "
                           f"(choose from {', '.join(sorted(allowed))})")
     perceptual = losses.load_lpips(args.lpips_backbone, spatial=True).to(device) if "lpips" in names else None
-    val = data.load_split(root, args.category, "val", cfg["size"], cfg["val_fraction"], cfg["seed"])
+    split = checks.split_of(ckpt, ckpt_path, root, args.category)  # the val images of training
+    val = data.load_split(root, args.category, "val", cfg["size"],
+                          files=data.split_files(root, args.category, split, "val"))
     test = data.load_split(root, args.category, "test", cfg["size"], cfg["val_fraction"], cfg["seed"])
     print(f"{ckpt['model_name']} ({ckpt_path}): {len(test)} test / {len(val)} val images "
           f"at {cfg['size']} px, map {args.map}")
@@ -383,7 +385,8 @@ def main(argv=None):
     raw_val, _, _ = maps_of(val)
     raw_test, recons, epistemic = maps_of(test)
     if args.baseline == "train":
-        train = data.load_split(root, args.category, "train", cfg["size"], cfg["val_fraction"], cfg["seed"])
+        train = data.load_split(root, args.category, "train", cfg["size"],
+                                files=data.split_files(root, args.category, split, "train"))
         baseline = {n: m.mean(0) for n, m in maps_of(train)[0].items()}
         raw_val, raw_test = subtract_baseline(raw_val, baseline), subtract_baseline(raw_test, baseline)
     map_test, map_val = combine(raw_test, raw_val, names)

@@ -224,12 +224,12 @@ def save_samples(model, n, batch_size, seed, folder, desc):
 
 
 @functools.lru_cache(maxsize=4)  # models of one category share these images: decode them once
-def held_out_normal(root, category, size, val_fraction, seed):
-    """Normal images the model never trained on: the val split (as in training) and test/good."""
+def held_out_normal(root, category, size, val_files):
+    """Normal images the model never trained on: its val files (as recorded in training) and test/good."""
     test = data.load_split(root, category, "test", size)
     parts = [test.images[test.labels == 0]]
-    if val_fraction > 0:
-        parts.append(data.load_split(root, category, "val", size, val_fraction, seed).images)
+    if val_files:
+        parts.append(data.load_split(root, category, "val", size, files=list(val_files)).images)
     images = torch.cat(parts)
     if len(images) == 0:
         raise EvaluationError(f"category '{category}' has no val or test/good images to reconstruct")
@@ -303,7 +303,8 @@ def evaluate_model(category, name, path, args, device, inception, perceptual):
         row.update(num_samples=args.num_samples, reference_images=n_ref, seed=args.seed,
                    **fidelity_metrics(gen_dir, eval_dir / f"reference_{size}", args.num_samples, n_ref,
                                       *inception, device.type == "cuda", args.batch_size, args.seed))
-    images = held_out_normal(root, category, size, config.get("val_fraction", 0.1), config.get("seed", 0))
+    split = checks.split_of(ckpt, path, root, category)
+    images = held_out_normal(root, category, size, tuple(data.split_files(root, category, split, "val")))
     row.update(reconstruction_metrics(model, images, args.batch_size, device, perceptual))
     return row
 

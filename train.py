@@ -300,8 +300,12 @@ def main(argv=None):
         data.ensure_category(args.data_root, args.category, args.download)
     if world > 1:
         dist.barrier()  # the other processes wait for rank 0's download
-    train = data.load_split(args.data_root, args.category, "train", args.size, args.val_fraction, args.seed)
-    val = data.load_split(args.data_root, args.category, "val", args.size, args.val_fraction, args.seed)
+    split = (checks.split_of(resume, os.path.join(args.out, "checkpoint.pt"), args.data_root, args.category)
+             if resume else data.split_record(args.data_root, args.category, args.val_fraction, args.seed))
+    train = data.load_split(args.data_root, args.category, "train", args.size,
+                            files=data.split_files(args.data_root, args.category, split, "train"))
+    val = data.load_split(args.data_root, args.category, "val", args.size,
+                          files=data.split_files(args.data_root, args.category, split, "val"))
     model = make_model(args, device)
     perceptual = None
     if args.lpips_weight > 0:
@@ -363,7 +367,7 @@ def main(argv=None):
                         "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
                         "stage_index": stage_index, "stage": stage, "epoch": epoch, "step": state["step"],
                         "best_val": min(state["best_val"], scores["val_loss"]), "val": scores,
-                        "config": config}
+                        "config": config, "split": split}
                 save_atomic(ckpt, ckpt_path)
                 if scores["val_loss"] < state["best_val"]:
                     save_atomic(ckpt, best_path)

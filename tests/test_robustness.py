@@ -152,6 +152,76 @@ def test_resume_and_overwrite_together_are_refused(run, tmp_path):
     assert "pass one of them" in line and digests(folder) == before
 
 
+# ----------------------------------------------------------------------------- 2. the split is stored
+
+def test_checkpoint_records_the_train_and_val_files_with_sizes_and_hashes(run):
+    split = run.ckpt["split"]
+    good = run.root / CATEGORY / "train" / "good"
+    names = {r["name"] for r in split["train"]} | {r["name"] for r in split["val"]}
+    assert len(split["val"]) == 3 and len(split["train"]) == 9 and names == {p.name for p in good.iterdir()}
+    for r in split["train"] + split["val"]:
+        assert r["bytes"] == (good / r["name"]).stat().st_size and r["sha256"] == digest(good / r["name"])
+
+
+def spy_on_splits(monkeypatch):
+    """Record the files every load_split call is given (detect.py and evaluate.py use data.load_split)."""
+    loaded = {}
+    real = data.load_split
+
+    def spy(root, category, split, size, *args, files=None, **kw):
+        loaded[split] = [p.name for p in files] if files is not None else None
+        return real(root, category, split, size, *args, files=files, **kw)
+    monkeypatch.setattr(data, "load_split", spy)
+    return loaded
+
+
+def test_detect_and_evaluate_use_the_recorded_val_files_after_train_good_changes(run, tmp_path, monkeypatch):
+    root = copy_root(run, tmp_path)
+    good = root / CATEGORY / "train" / "good"
+    shutil.copy(good / "000.png", good / "100.png")  # one image added after training
+    recorded_val = [r["name"] for r in run.ckpt["split"]["val"]]
+    recomputed_val = [p.name for p in data.train_val_files(root / CATEGORY, 0.25, 0)[1]]
+    assert recomputed_val != recorded_val  # recomputing would calibrate on trained-on images
+    loaded = spy_on_splits(monkeypatch)
+    metrics = detect.main([str(a) for a in detect_args(run, tmp_path / "results", root=root)])
+    assert loaded["val"] == recorded_val and metrics["val_images"] == 3
+    assert loaded["train"] == [r["name"] for r in run.ckpt["split"]["train"]]
+    evaluate.held_out_normal.cache_clear()
+    args = evaluate.parse_args(["--category", CATEGORY, "--outputs", str(run.outputs), "--data-root",
+                                str(root), "--no-generation"])
+    row = evaluate.evaluate_model(CATEGORY, "dae", run.folder / "best.pt", args, torch.device("cpu"), None, None)
+    assert loaded["val"] == recorded_val and row["recon_images"] == 3 + 2  # val + test/good
+
+
+@pytest.mark.parametrize("tool", ["detect", "evaluate", "resume"])
+def test_a_recorded_val_file_that_is_gone_stops_every_tool(run, tmp_path, tool):
+    root = copy_root(run, tmp_path)
+    gone = run.ckpt["split"]["val"][0]["name"]
+    (root / CATEGORY / "train" / "good" / gone).unlink()
+    outputs, folder = copy_outputs(run, tmp_path)
+    before = digests(folder)
+    if tool == "detect":
+        result = run_script("detect.py", *detect_args(run, tmp_path / "results", root=root))
+    elif tool == "evaluate":
+        result = run_script("evaluate.py", "--category", CATEGORY, "--outputs", outputs, "--data-root", root,
+                            "--no-generation", "--lpips-random-backbone")
+    else:
+        result = run_script("train.py", *train_args(root, folder, "--resume", "--epochs", "2"))
+    line = error_line(result)
+    assert f"of the 3 val images recorded in the checkpoint, 1 missing ({gone})" in line
+    assert "restore them, or train a new model" in line
+    assert digests(folder) == before and not (tmp_path / "results" / CATEGORY / "metrics.json").exists()
+
+
+def test_a_changed_val_file_stops_detect(run, tmp_path):
+    root = copy_root(run, tmp_path)
+    changed = run.ckpt["split"]["val"][1]["name"]
+    path = root / CATEGORY / "train" / "good" / changed
+    Image.open(path).transpose(Image.FLIP_LEFT_RIGHT).save(path)
+    line = error_line(run_script("detect.py", *detect_args(run, tmp_path / "results", root=root)))
+    assert f"1 changed ({changed})" in line and "calibrated on exactly these held-out images" in line
+
+
 @pytest.mark.parametrize("flag, value, was", [
     ("--seed", "1", "0"), ("--val-fraction", "0.5", "0.25"), ("--batch-size", "4", "8"),
     ("--size", "64", "32"), ("--model", "beta_vae", "dae"), ("--latent-dim", "1024", "2048"),
@@ -162,6 +232,18 @@ def test_resume_with_settings_that_change_data_or_model_is_refused(run, tmp_path
     line = error_line(run_script("train.py", *train_args(run.root, folder, "--resume", flag, value)))
     assert line.startswith(f"error: --resume: {flag} is {value} but the run in '{folder}' used {was}")
     assert "start over with --overwrite" in line and digests(folder) == before
+
+
+def test_resume_continues_on_the_recorded_split_and_says_what_changes(run, tmp_path):
+    root = copy_root(run, tmp_path)
+    good = root / CATEGORY / "train" / "good"
+    shutil.copy(good / "000.png", good / "100.png")  # not part of the run: never used by it
+    outputs, folder = copy_outputs(run, tmp_path)
+    code, stdout, stderr = run_script("train.py", *train_args(root, folder, "--resume", "--epochs", "2"))
+    assert code == 0, stderr
+    assert "note: --resume: --epochs 2 (the run had 1) applies from the resumed epoch on" in stdout
+    ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert ckpt["split"] == run.ckpt["split"] and ckpt["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------- 3. every image mode
