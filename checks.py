@@ -191,6 +191,38 @@ def write_atomic(path, write, binary=False):
         raise
 
 
+# ----------------------------------------------------------------------------- strict results
+
+def finite_or_none(value):
+    """Plain JSON values: numpy scalars to Python, NaN and infinities to None (JSON null)."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path, obj):
+    """Strict JSON (null, never NaN), written atomically: a reader never sees half a file."""
+    write_atomic(path, lambda f: json.dump(finite_or_none(obj), f, indent=2, allow_nan=False))
+
+
+def require_finite(source, **arrays):
+    """Stop when maps or scores hold NaN or inf: reported as numbers they would look like a
+    result (AUROC 0.5, nothing flagged)."""
+    for what, values in arrays.items():
+        values = np.asarray(values)
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(1)
+        if bad.any():
+            raise RunError(f"the {what.replace('_', ' ')} of {int(bad.sum())} of {len(values)} images "
+                           f"are not finite (NaN or inf): the model in '{source}' produces non-finite "
+                           "output; retrain it (its metrics.csv shows where the loss diverged)")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 REQUIRED_KEYS = ("model_name", "model_args", "model_state")

@@ -26,7 +26,6 @@ Writes results/<class>/: metrics.json, scores.csv, roc.png, failures.png, one
 """
 import argparse
 import csv
-import json
 import os
 import sys
 from pathlib import Path
@@ -193,15 +192,14 @@ def detection_metrics(scores, labels, maps, masks, threshold):
         "image_auroc": auroc(scores, labels), "pixel_auroc": auroc(maps, masks),
         "aupro_0.3": aupro(maps, masks), "threshold": threshold,
         "f1": f1, "good_false_alarm_rate": false_alarms,
-        "defect_miss_rate": float((scores[labels == 1] <= threshold).mean()),
+        "defect_miss_rate": float((scores[labels == 1] <= threshold).mean()) if (labels == 1).any() else float("nan"),
         "oracle_f1_on_test (reference only)": oracle_f1(scores, labels),
     }
 
 
 def write_tables(out, metrics, test, scores, maps, masks, save_maps):
     """metrics.json, scores.csv (one row per test image) and, if asked, maps.npz."""
-    with open(out / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+    checks.write_json(out / "metrics.json", metrics)  # strict (null for NaN), never half-written
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "defect_type", "label", "score", "predicted_label"])
@@ -391,6 +389,7 @@ def main(argv=None):
         raw_val, raw_test = subtract_baseline(raw_val, baseline), subtract_baseline(raw_test, baseline)
     map_test, map_val = combine(raw_test, raw_val, names)
     map_test, map_val = smooth(map_test, args.sigma), smooth(map_val, args.sigma)
+    checks.require_finite(ckpt_path, val_maps=map_val, test_maps=map_test)
     scores = image_scores(map_test, args.score, args.topk)
     threshold = args.threshold if args.threshold is not None else float(image_scores(map_val, args.score, args.topk).max())
     labels, masks = test.labels.numpy(), test.masks[:, 0].numpy().astype(bool)
@@ -420,3 +419,7 @@ if __name__ == "__main__":
         main()
     except (data.DatasetError, DetectError, losses.LPIPSUnavailable, checks.RunError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # metrics.json is written whole or not at all
+        print("interrupted: results may be incomplete (metrics.json is never half-written); run "
+              "detect.py again for all of them", file=sys.stderr)
+        sys.exit(130)

@@ -373,6 +373,36 @@ def test_nan_weights_stop_detect_and_evaluate_with_one_line(run, tmp_path):
     assert not (outputs / evaluate.SUMMARY_FILE).exists()
 
 
+def test_non_finite_maps_stop_detect_before_any_result_is_written(run, tmp_path, monkeypatch):
+    real = detect.compute_maps
+
+    def poisoned(*args, **kw):
+        maps, recons, epistemic = real(*args, **kw)
+        return {n: np.where(np.arange(len(m))[:, None, None] == 0, np.nan, m) for n, m in maps.items()}, recons, epistemic
+    monkeypatch.setattr(detect, "compute_maps", poisoned)
+    with pytest.raises(checks.RunError, match=r"the val maps of 1 of 3 images are not finite \(NaN or inf\)"):
+        detect.main([str(a) for a in detect_args(run, tmp_path / "results", "--baseline", "none",
+                                                               "--map", "ssim")])
+    assert list((tmp_path / "results" / CATEGORY).iterdir()) == []
+
+
+def test_metrics_json_is_strict_json_with_null_for_undefined_numbers(run, tmp_path):
+    root = copy_root(run, tmp_path)
+    shutil.rmtree(root / CATEGORY / "test" / "blob_or_scratch")  # no defects: AUROC is undefined
+    code, stdout, stderr = run_script("detect.py", *detect_args(run, tmp_path / "results", root=root))
+    assert code == 0, stderr
+    text = (tmp_path / "results" / CATEGORY / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))
+    assert metrics["image_auroc"] is None and metrics["pixel_auroc"] is None and "NaN" not in text
+    assert isinstance(metrics["threshold"], float)
+
+
+def test_write_json_turns_non_finite_numbers_into_null(tmp_path):
+    checks.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": np.int64(3)})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": None, "b": [None, 1.5], "c": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
 TRAIN_BASE = ["--model", "dae", "--category", CATEGORY]
 DETECT_BASE = ["--class", CATEGORY]
 EVALUATE_BASE = ["--category", CATEGORY]
@@ -577,3 +607,19 @@ def test_class_with_a_trailing_slash_is_the_class(run, tmp_path):
     code, stdout, stderr = run_script("detect.py", *args)
     assert code == 0, stderr
     assert json.loads((results / CATEGORY / "metrics.json").read_text())["class"] == CATEGORY
+
+
+def test_ctrl_c_in_detect_is_one_line_exit_130_and_no_metrics(run, tmp_path):
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "detect.py", *map(str, detect_args(run, results))], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # printed once the model and the images are loaded, before the maps
+    assert "test /" in first, proc.communicate()[1]
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and lines_of(stderr) == [
+        "interrupted: results may be incomplete (metrics.json is never half-written); run detect.py "
+        "again for all of them"]
+    assert not list((results / CATEGORY).glob("metrics.json*"))
