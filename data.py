@@ -100,7 +100,10 @@ def list_categories(root):
 
 
 def image_files(folder):
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files of a folder, by name; macOS AppleDouble files ('._name.png', resource forks
+    left by copying from a Mac) are not images and are skipped."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("._"))
 
 
 def train_val_files(cat, val_fraction, seed):
@@ -116,6 +119,49 @@ def train_val_files(cat, val_fraction, seed):
     val = sorted(files[i] for i in order[:n_val])
     train = sorted(files[i] for i in order[n_val:])
     return train, val
+
+
+class SplitChanged(DatasetError):
+    """Files of a recorded train/val split are gone or changed since training."""
+
+
+def file_record(path):
+    """What identifies one image file: its name, size in bytes and SHA-256."""
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def split_record(root, category, val_fraction, seed):
+    """The train/val split of train/good as it is now, file by file: train.py stores it in every
+    checkpoint, so detection and evaluation use exactly the images held out from training,
+    whatever happens to the folder, the seed or --val-fraction later."""
+    train, val = train_val_files(category_dir(root, category), val_fraction, seed)
+    return {"folder": "train/good", "val_fraction": val_fraction, "seed": seed,
+            "train": [file_record(p) for p in train], "val": [file_record(p) for p in val]}
+
+
+def split_files(root, category, record, which):
+    """Paths of the recorded 'train' or 'val' files, each checked against its recorded size and
+    SHA-256. Files added to the folder since are not used; missing or changed ones are an error."""
+    folder = category_dir(root, category) / record["folder"]
+    paths, missing, changed = [], [], []
+    for r in record[which]:
+        path = folder / r["name"]
+        paths.append(path)
+        if not path.is_file():
+            missing.append(r["name"])
+        elif path.stat().st_size != r["bytes"] or sha256_of(path) != r["sha256"]:
+            changed.append(r["name"])
+    if missing or changed:
+        def some(names):
+            return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        problems = ([f"{len(missing)} missing ({some(missing)})"] if missing else []) + \
+                   ([f"{len(changed)} changed ({some(changed)})"] if changed else [])
+        use = ("the detection threshold is calibrated on exactly these held-out images" if which == "val"
+               else "they are the images the model was trained on")
+        raise SplitChanged(f"of the {len(record[which])} {which} images recorded in the checkpoint, "
+                           f"{' and '.join(problems)} in '{folder}'; {use}: restore them, or train a "
+                           "new model on the folder as it is now")
+    return paths
 
 
 def test_files(cat):
@@ -225,26 +271,62 @@ def ensure_category(root, category, download=False, url=MVTEC_URL, sha256=MVTEC_
 
 # ----------------------------------------------------------------------------- decoding
 
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (older Pillow: "I")
+
+
+def to_rgb(im):
+    """Any mode MVTec-like data comes in -> 8-bit RGB with the same [0, 1] range.
+
+    16-bit grey (I;16, or I) is scaled from 0..65535, 32-bit float grey (F) taken as 0..1;
+    1-bit, 8-bit grey, palette and RGB convert as PIL does; alpha (RGBA, LA, PA) is dropped,
+    keeping the colour. (PIL's own convert("RGB") clips 16-bit values at 255: all white.)"""
+    if im.mode in WIDE_GREY_MODES or im.mode == "F":
+        grey = np.asarray(im).astype(np.float64)
+        grey = grey if im.mode == "F" else grey / 65535
+        im = Image.fromarray((np.clip(grey, 0, 1) * 255).round().astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def mask_array(im):
+    """A ground-truth mask of any mode as bool (H, W): non-zero = defect, so 0/1 and 0/255
+    masks, 1-bit, 16-bit and palette masks all read the same (alpha is ignored)."""
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGB")  # palette index 0 need not be black: compare colours
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        im = im.convert(im.mode[:-1].upper())
+    values = np.asarray(im)
+    return values.any(-1) if values.ndim == 3 else values != 0
+
+
 def read_image(path, size):
     """Decode to RGB (grayscale repeated to 3 channels), resize to size x size: uint8 (3, S, S)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            im = to_rgb(im).resize((size, size), Image.BILINEAR)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read image '{path}': {e}") from None
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
-def read_mask(path, size):
-    """Nearest-neighbour resize keeps the mask binary: uint8 {0, 1} (1, S, S)."""
+def read_mask(path, size, image_path=None):
+    """Nearest-neighbour resize keeps the mask binary: uint8 {0, 1} (1, S, S). Non-zero pixels
+    are defect. With image_path, a mask of another size than its image is an error, not a
+    silent resize (it would mark the wrong pixels)."""
     if path is None:
         return torch.zeros(1, size, size, dtype=torch.uint8)
     try:
         with Image.open(path) as im:
-            im = im.convert("L").resize((size, size), Image.NEAREST)
+            if image_path is not None:
+                with Image.open(image_path) as image:
+                    if image.size != im.size:
+                        raise DatasetError(
+                            f"mask '{path}' is {im.size[0]}x{im.size[1]} but its image '{image_path}' "
+                            f"is {image.size[0]}x{image.size[1]}; a mask must have its image's size")
+            binary = Image.fromarray(mask_array(im).astype(np.uint8))
+            binary = binary.resize((size, size), Image.NEAREST)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read mask '{path}': {e}") from None
-    return torch.from_numpy((np.asarray(im) > 127).astype(np.uint8))[None]
+    return torch.from_numpy(np.asarray(binary).astype(np.uint8))[None]
 
 
 def decode_all(fn, items, desc):
@@ -254,20 +336,23 @@ def decode_all(fn, items, desc):
                          disable=len(items) < 50))
 
 
-def load_split(root, category, split, size, val_fraction=0.1, seed=0):
-    """Load one split ('train', 'val' or 'test') of a category into memory."""
+def load_split(root, category, split, size, val_fraction=0.1, seed=0, files=None):
+    """Load one split ('train', 'val' or 'test') of a category into memory; files: the train or
+    val paths to load (split_files of a checkpoint's record) instead of recomputing the split."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}")
     cat = category_dir(root, category)
     if split == "test":
         entries = test_files(cat)
     else:
-        train, val = train_val_files(cat, val_fraction, seed)
-        entries = [(p, "good", None) for p in (train if split == "train" else val)]
+        if files is None:
+            train, val = train_val_files(cat, val_fraction, seed)
+            files = train if split == "train" else val
+        entries = [(p, "good", None) for p in files]
     if not entries:
         raise DatasetError(f"split '{split}' of '{cat}' is empty (val_fraction={val_fraction})")
     images = decode_all(lambda e: read_image(e[0], size), entries, f"decode {category}/{split}")
-    masks = decode_all(lambda e: read_mask(e[2], size), entries, f"masks {category}/{split}")
+    masks = decode_all(lambda e: read_mask(e[2], size, e[0]), entries, f"masks {category}/{split}")
     return Split(
         images=torch.stack(images),
         labels=torch.tensor([int(d != "good") for _, d, _ in entries]),

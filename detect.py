@@ -27,7 +27,6 @@ Writes results/<class>/: metrics.json, scores.csv, roc.png, failures.png, one
 """
 import argparse
 import csv
-import json
 import os
 import sys
 from pathlib import Path
@@ -41,9 +40,10 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import checks  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
-from models import MODELS, load_model  # noqa: E402
+from models import MODELS  # noqa: E402
 from train import add_shared_options, pick_device, run_dir, trained_checkpoint  # noqa: E402
 
 
@@ -186,15 +186,14 @@ def detection_metrics(scores, labels, maps, masks, threshold):
         "image_auroc": auroc(scores, labels), "pixel_auroc": auroc(maps, masks),
         "aupro_0.3": aupro(maps, masks), "threshold": threshold,
         "f1": f1, "good_false_alarm_rate": false_alarms,
-        "defect_miss_rate": float((scores[labels == 1] <= threshold).mean()),
+        "defect_miss_rate": float((scores[labels == 1] <= threshold).mean()) if (labels == 1).any() else float("nan"),
         "oracle_f1_on_test (reference only)": oracle_f1(scores, labels),
     }
 
 
 def write_tables(out, metrics, test, scores, maps, masks, save_maps):
     """metrics.json, scores.csv (one row per test image) and, if asked, maps.npz."""
-    with open(out / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+    checks.write_json(out / "metrics.json", metrics)  # strict (null for NaN), never half-written
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "defect_type", "label", "score", "predicted_label"])
@@ -316,18 +315,18 @@ def parse_args(argv=None):
     p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (SAVAE/AR-SAVAE: "
                    "variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
                    "(default: the model's default_map, printed when the run starts)")
-    p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the map, pixels")
+    p.add_argument("--sigma", type=checks.non_negative_float, default=4.0, help="Gaussian smoothing of the map, pixels")
     p.add_argument("--baseline", choices=["train", "none"], default="train",
                    help="train: subtract from each map the per-pixel mean map of the training images")
     p.add_argument("--score", choices=["max", "topk"], default="max", help="image score from its map")
-    p.add_argument("--topk", type=int, default=100, help="pixels averaged by --score topk")
-    p.add_argument("--threshold", type=float, help="image/pixel threshold (default: max val score)")
+    p.add_argument("--topk", type=checks.positive_int, default=100, help="pixels averaged by --score topk")
+    p.add_argument("--threshold", type=checks.finite_float, help="image/pixel threshold (default: max val score)")
     p.add_argument("--save-maps", action="store_true", help="also write maps.npz (maps, masks)")
     p.add_argument("--no-pictures", action="store_true", help="skip the per-image pictures")
-    p.add_argument("--mc-passes", type=int, default=8, help="MC-dropout passes for epistemic maps")
-    p.add_argument("--seed", type=int, default=0, help="seeds the MC-dropout passes: same run, same numbers")
+    p.add_argument("--mc-passes", type=checks.positive_int, default=8, help="MC-dropout passes for epistemic maps")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="seeds the MC-dropout passes: same run, same numbers")
     p.add_argument("--lpips-backbone", help="local AlexNet weights for the lpips map")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument("--batch-size", type=checks.positive_int, default=16, help="images per forward pass")
     return p.parse_args(argv)
 
 
@@ -351,9 +350,11 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
+    out = checks.writable_dir(Path(args.results) / args.category, "--results")  # before the work
     ckpt_path = find_checkpoint(args)
-    model, ckpt = load_model(ckpt_path, device)
+    model, ckpt = checks.load_checkpoint(ckpt_path, device, expected=args.model)
     cfg = ckpt["config"]
+    checks.check_topk(args.score, args.topk, cfg["size"])
     root = args.data_root or cfg["data_root"]
     data.ensure_category(root, args.category, args.download)
     args.map = args.map or model.default_map
@@ -363,7 +364,9 @@ def main(argv=None):
         raise DetectError(f"unknown map '{args.map}' for {ckpt['model_name']} "
                           f"(choose from {', '.join(sorted(allowed))})")
     perceptual = losses.load_lpips(args.lpips_backbone, spatial=True).to(device) if "lpips" in names else None
-    val = data.load_split(root, args.category, "val", cfg["size"], cfg["val_fraction"], cfg["seed"])
+    split = checks.split_of(ckpt, ckpt_path, root, args.category)  # the val images of training
+    val = data.load_split(root, args.category, "val", cfg["size"],
+                          files=data.split_files(root, args.category, split, "val"))
     test = data.load_split(root, args.category, "test", cfg["size"], cfg["val_fraction"], cfg["seed"])
     print(f"{ckpt['model_name']} ({ckpt_path}): {len(test)} test / {len(val)} val images "
           f"at {cfg['size']} px, map {args.map}")
@@ -374,11 +377,13 @@ def main(argv=None):
     raw_val, _, _ = maps_of(val)
     raw_test, recons, epistemic = maps_of(test)
     if args.baseline == "train":
-        train = data.load_split(root, args.category, "train", cfg["size"], cfg["val_fraction"], cfg["seed"])
+        train = data.load_split(root, args.category, "train", cfg["size"],
+                                files=data.split_files(root, args.category, split, "train"))
         baseline = {n: m.mean(0) for n, m in maps_of(train)[0].items()}
         raw_val, raw_test = subtract_baseline(raw_val, baseline), subtract_baseline(raw_test, baseline)
     map_test, map_val = combine(raw_test, raw_val, names)
     map_test, map_val = smooth(map_test, args.sigma), smooth(map_val, args.sigma)
+    checks.require_finite(ckpt_path, val_maps=map_val, test_maps=map_test)
     scores = image_scores(map_test, args.score, args.topk)
     threshold = args.threshold if args.threshold is not None else float(image_scores(map_val, args.score, args.topk).max())
     labels, masks = test.labels.numpy(), test.masks[:, 0].numpy().astype(bool)
@@ -390,8 +395,6 @@ def main(argv=None):
         "threshold_rule": "--threshold" if args.threshold is not None else "max of val image scores",
         **detection_metrics(scores, labels, map_test, masks, threshold),
     }
-    out = Path(args.results) / args.category
-    out.mkdir(parents=True, exist_ok=True)
     write_tables(out, metrics, test, scores, map_test, masks, args.save_maps)
     roc_picture(out / "roc.png", scores, labels,
                 f"{args.category} {ckpt['model_name']} {args.map}: AUROC {metrics['image_auroc']:.3f}")
@@ -408,5 +411,9 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (data.DatasetError, DetectError, losses.LPIPSUnavailable) as e:
+    except (data.DatasetError, DetectError, losses.LPIPSUnavailable, checks.RunError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # metrics.json is written whole or not at all
+        print("interrupted: results may be incomplete (metrics.json is never half-written); run "
+              "detect.py again for all of them", file=sys.stderr)
+        sys.exit(130)

@@ -36,9 +36,10 @@ from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from tqdm import tqdm
 
+import checks
 import data
 import losses
-from models import MODELS, load_model, ssim_map
+from models import MODELS, ssim_map
 from train import add_shared_options, pick_device, run_dir, trained_checkpoint, write_csv_atomic
 
 INCEPTION_ENV = "INCEPTION_WEIGHTS"
@@ -79,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1000, help="samples drawn per model (N)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="batch for sampling, reconstruction and Inception (samples depend on it and --seed)")
-    p.add_argument("--seed", type=int, default=0, help="seeds sampling and the IS/KID subsets")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="seeds sampling and the IS/KID subsets")
     p.add_argument("--no-generation", action="store_true",
                    help="reconstruction metrics only (no samples, no Inception weights needed)")
     p.add_argument("--inception-weights", help=f"local {INCEPTION_FILE} (or ${INCEPTION_ENV})")
@@ -212,12 +213,12 @@ def save_samples(model, n, batch_size, seed, folder, desc):
 
 
 @functools.lru_cache(maxsize=4)  # models of one category share these images: decode them once
-def held_out_normal(root, category, size, val_fraction, seed):
-    """Normal images the model never trained on: the val split (as in training) and test/good."""
+def held_out_normal(root, category, size, val_files):
+    """Normal images the model never trained on: its val files (as recorded in training) and test/good."""
     test = data.load_split(root, category, "test", size)
     parts = [test.images[test.labels == 0]]
-    if val_fraction > 0:
-        parts.append(data.load_split(root, category, "val", size, val_fraction, seed).images)
+    if val_files:
+        parts.append(data.load_split(root, category, "val", size, files=list(val_files)).images)
     images = torch.cat(parts)
     if len(images) == 0:
         raise EvaluationError(f"category '{category}' has no val or test/good images to reconstruct")
@@ -262,9 +263,16 @@ def fidelity_metrics(gen_dir, ref_dir, n_gen, n_ref, weights, official, cuda, ba
     return {**dict(zip(names, values)), "kid_subset_size": subset}
 
 
+def load_job(path, name, device):
+    """The checkpoint of <category>/<name>/, checked (one line for a broken or foreign file)."""
+    return checks.load_checkpoint(path, device, expected=name,
+                                  advice=f"it sits in the '{name}' folder; move it to its own model's folder",
+                                  use_hint="move the broken file away and evaluate.py takes it")
+
+
 def evaluate_model(category, name, path, args, device, inception, perceptual):
     """One summary row: generation metrics (unless skipped) and reconstruction metrics."""
-    model, ckpt = load_model(path, device)
+    model, ckpt = load_job(path, name, device)
     config = ckpt.get("config", {})
     root = args.data_root or config.get("data_root") or data.DEFAULT_ROOT
     data.ensure_category(root, category, args.download)
@@ -284,7 +292,8 @@ def evaluate_model(category, name, path, args, device, inception, perceptual):
         row.update(num_samples=args.num_samples, reference_images=n_ref, seed=args.seed,
                    **fidelity_metrics(gen_dir, eval_dir / f"reference_{size}", args.num_samples, n_ref,
                                       *inception, device.type == "cuda", args.batch_size, args.seed))
-    images = held_out_normal(root, category, size, config.get("val_fraction", 0.1), config.get("seed", 0))
+    split = checks.split_of(ckpt, path, root, category)
+    images = held_out_normal(root, category, size, tuple(data.split_files(root, category, split, "val")))
     row.update(reconstruction_metrics(model, images, args.batch_size, device, perceptual))
     return row
 
@@ -345,6 +354,9 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)  # torch-fidelity moves Inception with a bare .cuda()
     jobs = find_jobs(args.runs, args.category, args.models)
+    checks.writable_dir(args.runs, "--runs")  # the summary and samples go there: check first
+    for _, name, path in jobs:  # every checkpoint readable before hours of sampling
+        load_job(path, name, "cpu")
     inception = None if args.no_generation else locate_inception(args.inception_weights,
                                                                   args.allow_unofficial_inception)
     if inception and not inception[1]:
@@ -365,5 +377,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (EvaluationError, data.DatasetError, losses.LPIPSUnavailable) as e:
+    except (EvaluationError, data.DatasetError, losses.LPIPSUnavailable, checks.RunError) as e:
         sys.exit(f"error: {e}")

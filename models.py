@@ -296,9 +296,9 @@ class LatentVectorAE(AutoEncoder):
         super().__init__(**objective)
         self.config.update(image_size=image_size, latent_dim=latent_dim, width=width,
                            dropout=dropout, bottleneck=bottleneck)
-        n_down = int(math.log2(image_size // 8))
-        if 8 * 2 ** n_down != image_size:
-            raise ValueError(f"image size must be 8 * 2^k (e.g. 64, 128, 256), got {image_size}")
+        n_down = int(math.log2(image_size // 8)) if image_size >= 16 else 0
+        if n_down < 1 or 8 * 2 ** n_down != image_size:  # the features map needs a down-sampling
+            raise ValueError(f"image size must be 8 * 2^k >= 16 (e.g. 64, 128, 256), got {image_size}")
         if bottleneck not in ("vector", "spatial") or (bottleneck == "spatial" and latent_dim % 64):
             raise ValueError("bottleneck must be 'vector' or 'spatial' (latent_dim a multiple of 64)")
         self.image_size, self.latent_dim = image_size, latent_dim
@@ -737,8 +737,8 @@ class VQVAE(AutoEncoder):
         super().__init__(**objective)
         self.config.update(image_size=image_size, hidden=hidden, codes=codes, code_dim=code_dim,
                            beta=beta, ema=ema, prior_window=prior_window)
-        if image_size % 4:
-            raise ValueError(f"image size must be a multiple of 4, got {image_size}")
+        if image_size % 4 or image_size < 8:  # the SSIM window needs more than 5 pixels a side
+            raise ValueError(f"image size must be a multiple of 4 and at least 8, got {image_size}")
         h, d = hidden, code_dim
         self.encoder = nn.Sequential(nn.Conv2d(3, h, 4, 2, 1), nn.ReLU(inplace=True),
                                      nn.Conv2d(h, h, 4, 2, 1), nn.ReLU(inplace=True),
@@ -809,9 +809,11 @@ def build_model(name, **config):
         raise ValueError(f"{name}: {e}") from e
 
 
-def load_model(path, device="cpu"):
-    """Rebuild a model from a training checkpoint; returns (model in eval mode, checkpoint dict)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+def load_model(checkpoint, device="cpu"):
+    """Rebuild a model from a training checkpoint: a path, or the dict read from one (the scripts
+    read and check the file first: checks.load_checkpoint). Returns (model in eval mode, dict)."""
+    ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location=device,
+                                                                      weights_only=True)
     model = build_model(ckpt["model_name"], **ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model_state"])
     return model.eval(), ckpt

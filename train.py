@@ -6,8 +6,9 @@
 The model owns its objective (model.loss) and its defaults (model.recipe, its constructor); this
 file runs its stages in order, each epoch train_epoch -> validate -> checkpoint.
 Writes to <runs>/<category>/<model>/ (--runs, default outputs; --out names the folder itself):
-    checkpoint.pt   latest state (model args + weights + optimizer + stage/epoch/step + config),
-                    written atomically every epoch; --resume continues from it
+    checkpoint.pt   latest state (model args + weights + optimizer + stage/epoch/step + config +
+                    the train/val files: name, bytes, SHA-256), written atomically every epoch;
+                    --resume continues from it, --overwrite replaces it, nothing else touches it
     best.pt         the epoch with the lowest validation loss of the last stage
     metrics.csv     one row per epoch: every loss term, validation loss and reconstruction MSE
     recon.png       validation images (top row) and their reconstructions (bottom row)
@@ -30,6 +31,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+import checks
 import data
 import losses
 from models import MODELS, build_model
@@ -83,22 +85,25 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--out", help="write this run to this folder instead of <runs>/<category>/<model>")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--size", type=int, default=128,
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the folder (deleted first); without it, or --resume, "
+                        "an existing run is never touched")
+    p.add_argument("--size", type=checks.positive_int, default=128,
                    help="image side in pixels; a 256 px epoch costs about 4.4x a 128 px one (DAE on CPU)")
-    p.add_argument("--batch-size", type=int, default=16, help="total over all processes")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--batch-size", type=checks.positive_int, default=16, help="total over all processes")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0,
                    help="seeds the weights, the val split, the shuffling and the synthetic anomalies")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="train/good held out for validation")
+    p.add_argument("--val-fraction", type=checks.open_fraction, default=0.1, help="train/good held out for validation")
     g = p.add_argument_group("schedule (default: the model's recipe, values in brackets)")
-    g.add_argument("--epochs", type=int, help=f"epochs of the first stage ({per_model('epochs')})")
-    g.add_argument("--lr", type=float,
+    g.add_argument("--epochs", type=checks.positive_int, help=f"epochs of the first stage ({per_model('epochs')})")
+    g.add_argument("--lr", type=checks.positive_float,
                    help=f"peak learning rate of the first stage, cosine-decayed to 0 ({per_model('lr')})")
     for stage, names in later.items():
-        g.add_argument(f"--{stage}-epochs", type=int,
+        g.add_argument(f"--{stage}-epochs", type=checks.positive_int,
                        help=f"epochs of the '{stage}' stage of {', '.join(names)} ({per_model(f'{stage}_epochs')})")
-        g.add_argument(f"--{stage}-lr", type=float,
+        g.add_argument(f"--{stage}-lr", type=checks.positive_float,
                        help=f"peak learning rate of the '{stage}' stage ({per_model(f'{stage}_lr')})")
-    g.add_argument("--anomaly-fraction", type=float,
+    g.add_argument("--anomaly-fraction", type=checks.unit_fraction,
                    help="fraction of each first-stage batch given synthetic anomalies to restore "
                         f"({per_model('anomaly_fraction')})")
     g = p.add_argument_group("speed")
@@ -109,16 +114,16 @@ def parse_args(argv=None):
                         "recent GPUs and CPUs; bench.py --profile measures it)")
     g = p.add_argument_group("model (default: the model's own, listed below; a model that does not take "
                              "an option given here stops with an error)")
-    g.add_argument("--latent-dim", type=int, help="latent size (dae, beta_vae, savae, ar_savae)")
-    g.add_argument("--width", type=int, help="channels of the first conv layer (not vqvae)")
+    g.add_argument("--latent-dim", type=checks.positive_int, help="latent size (dae, beta_vae, savae, ar_savae)")
+    g.add_argument("--width", type=checks.positive_int, help="channels of the first conv layer (not vqvae)")
     g.add_argument("--bottleneck", choices=["vector", "spatial"], help="latent layout (not vqvae)")
-    g.add_argument("--beta", type=float, help="KL weight (VAEs) or commitment weight (VQ-VAE)")
+    g.add_argument("--beta", type=checks.non_negative_float, help="KL weight (VAEs) or commitment weight (VQ-VAE)")
     g.add_argument("--no-ema", action="store_true", help="VQ-VAE: learn the codebook by gradient")
-    g.add_argument("--ssim-weight", type=float, help="weight of 1 - SSIM in the objective")
-    g.add_argument("--ssim-warmup", type=float,
+    g.add_argument("--ssim-weight", type=checks.non_negative_float, help="weight of 1 - SSIM in the objective")
+    g.add_argument("--ssim-warmup", type=checks.unit_fraction,
                    help="fraction of a stage over which the SSIM weight ramps up from 0; with the full "
                         "weight from step 0 the model sits at the mean image for epochs")
-    g.add_argument("--lpips-weight", type=float, help="weight of LPIPS in the objective")
+    g.add_argument("--lpips-weight", type=checks.non_negative_float, help="weight of LPIPS in the objective")
     g = p.add_argument_group("LPIPS network (loaded when the objective weighs LPIPS)")
     g.add_argument("--lpips-backbone", help=f"local AlexNet weights file (or ${losses.LPIPS_BACKBONE_ENV})")
     g.add_argument("--lpips-random-backbone", action="store_true",
@@ -144,11 +149,13 @@ def model_args(args):
 
 def add_shared_options(p, category_help):
     """The options train.py, detect.py and evaluate.py spell and explain alike."""
-    p.add_argument("--category", "--class", dest="category", required=True, help=category_help)
+    p.add_argument("--category", "--class", dest="category", required=True, type=checks.category_name,
+                   help=category_help)
     p.add_argument("--download", action="store_true", help="download MVTec AD if the category is missing")
     p.add_argument("--runs", "--outputs", dest="runs", default="outputs",
                    help="folder of the training runs: train.py writes <runs>/<category>/<model>/")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=checks.device_name, default="auto",
+                   help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
 
 
 def run_dir(runs, category, model):
@@ -173,12 +180,12 @@ def pick_device(name, rank=0):
 
 def write_csv_atomic(rows, path):
     header = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
+
+    def write(f):
         writer = csv.DictWriter(f, header, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
+    checks.write_atomic(path, write)
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -204,9 +211,7 @@ def epoch_seed(seed, stage_index, epoch):
 
 
 def save_atomic(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    checks.write_atomic(path, lambda f: torch.save(obj, f), binary=True)  # a full disk: one line
 
 
 def read_rows_until(path, stage_index, epoch):
@@ -369,21 +374,28 @@ def validate(model, images, args, stage, device):
 def save_pictures(model, val_images, out, seed, device):
     model.eval()
     x = data.to_float(val_images[:8], device)
-    save_image(torch.cat([x, model.reconstruct(x)]), os.path.join(out, "recon.png"), nrow=len(x))
+    pairs = torch.cat([x, model.reconstruct(x)])
     samples = model.sample(16, torch.Generator().manual_seed(seed))
-    save_image(samples, os.path.join(out, "samples.png"), nrow=8)
+    for name, images, nrow in (("recon.png", pairs, len(x)), ("samples.png", samples, 8)):
+        checks.write_atomic(os.path.join(out, name), lambda f: save_image(images, f, nrow=nrow, format="png"),
+                            binary=True)
 
 
 # ----------------------------------------------------------------------------- main
 
-def load_data(args, rank, world):
-    """The train and val splits, decoded once into memory (rank 0 downloads, if asked, first)."""
+def load_data(args, rank, world, resume):
+    """(split record, train, val): the train/val files, decoded once into memory (rank 0
+    downloads, if asked, first). A resumed run keeps the split its checkpoint records; a new one
+    records train/good as it is now, file by file, for its checkpoints (data.split_record)."""
     if rank == 0:
         data.ensure_category(args.data_root, args.category, args.download)
     if world > 1:
         dist.barrier()  # the other processes wait for rank 0's download
-    return [data.load_split(args.data_root, args.category, split, args.size, args.val_fraction, args.seed)
-            for split in ("train", "val")]
+    split = (checks.split_of(resume, os.path.join(args.out, "checkpoint.pt"), args.data_root, args.category)
+             if resume else data.split_record(args.data_root, args.category, args.val_fraction, args.seed))
+    return [split] + [data.load_split(args.data_root, args.category, which, args.size,
+                                      files=data.split_files(args.data_root, args.category, split, which))
+                      for which in ("train", "val")]
 
 
 def load_perceptual(model, args, device, rank):
@@ -397,21 +409,16 @@ def load_perceptual(model, args, device, rank):
     return perceptual
 
 
-def load_resume(args, model, device):
-    """With --resume: the checkpoint, its weights loaded into the model; else None."""
-    if not args.resume:
-        return None
-    path = os.path.join(args.out, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise data.DatasetError(f"--resume: no checkpoint at '{path}'")
-    resume = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(resume["model_state"])
-    return resume
+def load_resume(args, device, model_config):
+    """With --resume: the checkpoint to continue, read and checked against this run's settings
+    before any data is read (checks.read_resume refuses a changed --size, --seed, ...); else None."""
+    return checks.read_resume(args.out, vars(args), device, model_config) if args.resume else None
 
 
-def save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config):
+def save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config, split):
     """Rank 0's files after an epoch: its metrics.csv row, checkpoint.pt, and best.pt when the
-    validation loss improved. config: the run's options (config["out"] is the folder)."""
+    validation loss improved. config: the run's options (config["out"] is the folder); split:
+    the train/val file record detect.py and evaluate.py use."""
     out = config["out"]
     rows.append({"stage_index": stage.index, "stage": stage.name, "epoch": stage.epoch, "step": stage.step,
                  "seconds": seconds, "lr": stage.current_lr(),
@@ -421,7 +428,8 @@ def save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config):
     ckpt = {"model_name": config["model"], "model_args": model.config,
             "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
             "stage_index": stage.index, "stage": stage.name, "epoch": stage.epoch, "step": stage.step,
-            "best_val": min(stage.best_val, scores["val_loss"]), "val": scores, "config": config}
+            "best_val": min(stage.best_val, scores["val_loss"]), "val": scores, "config": config,
+            "split": split}
     save_atomic(ckpt, os.path.join(out, "checkpoint.pt"))
     if scores["val_loss"] < stage.best_val:
         save_atomic(ckpt, os.path.join(out, "best.pt"))
@@ -429,14 +437,19 @@ def save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config):
 
 def main(argv=None):
     args = parse_args(argv)
+    model_config = checks.check_model_config(args.model, model_args(args))  # before any data is read
     rank, world = setup_distributed()
     device = pick_device(args.device, rank)
     torch.manual_seed(args.seed)
-    train, val = load_data(args, rank, world)
+    checks.claim_run_dir(args.out, args.resume, args.overwrite)  # a finished run is never replaced silently
+    resume = load_resume(args, device, model_config)
+    split, train, val = load_data(args, rank, world, resume)
     model = make_model(args, device)
     perceptual = load_perceptual(model, args, device, rank)
-    os.makedirs(args.out, exist_ok=True)
-    resume = load_resume(args, model, device)
+    if args.overwrite and rank == 0:
+        checks.clear_run(args.out)  # only now that the data and the model are ready
+    if resume:
+        checks.load_weights(model, resume, os.path.join(args.out, "checkpoint.pt"))
     metrics = os.path.join(args.out, "metrics.csv")
     rows = read_rows_until(metrics, resume["stage_index"], resume["epoch"]) if resume else []
     config = {**vars(args), "lpips_backbone_kind": None if perceptual is None else perceptual.name}
@@ -466,7 +479,7 @@ def main(argv=None):
             if rank == 0:
                 scores = validate(model, val.images, args, stage.name, device)
                 seconds = round(time.time() - t0, 2)
-                save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config)
+                save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config, split)
                 if (stage.epoch + 1) % 10 == 0 or stage.epoch + 1 == stage.epochs:
                     save_pictures(model, val.images, args.out, args.seed, device)
                 print(f"{stage.name} epoch {stage.epoch + 1}/{stage.epochs}  " + "  ".join(
@@ -483,7 +496,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (data.DatasetError, losses.LPIPSUnavailable, FloatingPointError, ValueError) as e:
+    except (data.DatasetError, losses.LPIPSUnavailable, FloatingPointError, ValueError, checks.RunError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: the last finished epoch is in checkpoint.pt; continue with --resume")
