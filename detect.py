@@ -163,13 +163,18 @@ def subtract_baseline(maps, baseline):
 
 
 def combine(raw_test, raw_val, names):
-    """One map: each map standardised with its val mean and std (never per image), averaged."""
-    if len(names) == 1:
-        return raw_test[names[0]], raw_val[names[0]]
+    """One map: each map standardised with its val mean and std (never per image), averaged.
+
+    A map that is constant on the val images carries nothing to standardise (chroma on a grey
+    category is zero everywhere) and is left out, so it cannot turn noise into evidence."""
+    informative = [n for n in names if raw_val[n].std() > 0] or names[:1]
+    if len(informative) == 1:
+        return raw_test[informative[0]], raw_val[informative[0]]
+
     def standardise(m, ref):
-        return (m - ref.mean()) / (ref.std() + 1e-12)
-    return (sum(standardise(raw_test[n], raw_val[n]) for n in names) / len(names),
-            sum(standardise(raw_val[n], raw_val[n]) for n in names) / len(names))
+        return (m - ref.mean()) / ref.std()
+    return (sum(standardise(raw_test[n], raw_val[n]) for n in informative) / len(informative),
+            sum(standardise(raw_val[n], raw_val[n]) for n in informative) / len(informative))
 
 
 def image_scores(maps, rule, topk):

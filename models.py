@@ -147,6 +147,27 @@ def msgms_map(x, y, scales=4, c=0.0026):
     return total / scales
 
 
+def opponent_colours(x):
+    # luminance-free colour: red-green and yellow-blue opponent channels, (B, 2, H, W)
+    r, g, b = x.unbind(1)
+    return torch.stack([r - g, (r + g) / 2 - b], 1)
+
+
+def chroma_map(x, y, sigma=1.0, grey_tolerance=2 / 255):
+    """Colour difference with the luminance removed, (B, 1, H, W); 0 = same colours.
+
+    chroma = sum_o (G_sigma * (o(x) - o(y)))^2 over the two opponent channels o, smoothed by a
+    5 x 5 Gaussian. Paint, stains and rust change the colour of a surface whose texture the
+    model cannot copy exactly: luminance maps see that texture error everywhere, this map sees
+    only the colour. Zero for grey inputs (channels equal), where any colour in the
+    reconstruction is the model's own noise.
+    """
+    k = gaussian_kernel(5, sigma, x.device).to(x.dtype)
+    difference = blur(opponent_colours(x) - opponent_colours(y), k).pow(2).sum(1, keepdim=True)
+    has_colour = (x.amax(1) - x.amin(1)).flatten(1).amax(1) > grey_tolerance
+    return difference * has_colour.to(x.dtype)[:, None, None, None]
+
+
 # ----------------------------------------------------------------------------- shared blocks
 
 def down_block(c_in, c_out):
@@ -262,6 +283,7 @@ class AutoEncoder(nn.Module):
             l2       = mean_c (x - recon)^2
             ssim     = 1 - SSIM(x, recon), 11 x 11 Gaussian window
             msgms    = 1 - multi-scale gradient-magnitude similarity
+            chroma   = smoothed difference of the luminance-free colour (0 on grey images)
             feature  = 1 - cos(f(x), f(recon)) at each feature position, bilinearly upsampled:
                        a difference measured by an encoder trained on this category alone, so a
                        change it has learned to ignore (sensor noise, fine texture) weighs less
@@ -270,6 +292,7 @@ class AutoEncoder(nn.Module):
         return {"l2": (x - recon).pow(2).mean(1, keepdim=True),
                 "ssim": 1 - ssim_map(x, recon),
                 "msgms": msgms_map(x, recon),
+                "chroma": chroma_map(x, recon),
                 "feature": F.interpolate(distance, size=x.shape[-2:], mode="bilinear", align_corners=False)}
 
     def anomaly_maps(self, x, mc_passes=8):

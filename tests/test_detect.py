@@ -154,3 +154,18 @@ def test_detect_with_mc_dropout_gives_the_same_numbers_twice(rgb_root, tmp_path)
                        cwd=ROOT, check=True, capture_output=True)
         runs.append((results / "synthetic" / "scores.csv").read_text())
     assert runs[0] == runs[1]
+
+
+def test_combine_leaves_out_a_map_that_is_constant_on_the_val_images():
+    """On a grey category the chroma map is zero everywhere: standardising it would divide by 0."""
+    rng = np.random.default_rng(0)
+    ssim_val, ssim_test = rng.random((3, 8, 8)), rng.random((2, 8, 8))
+    raw_val = {"ssim": ssim_val, "chroma": np.zeros((3, 8, 8))}
+    raw_test = {"ssim": ssim_test, "chroma": np.zeros((2, 8, 8))}
+    combined_test, combined_val = detect.combine(raw_test, raw_val, ["ssim", "chroma"])
+    np.testing.assert_array_equal(combined_test, ssim_test)
+    np.testing.assert_array_equal(combined_val, ssim_val)
+    both = detect.combine({**raw_test, "l2": 2 * ssim_test}, {**raw_val, "l2": 2 * ssim_val},
+                          ["ssim", "chroma", "l2"])[0]
+    expected = (ssim_test - ssim_val.mean()) / ssim_val.std()
+    np.testing.assert_allclose(both, expected)

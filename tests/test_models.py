@@ -336,3 +336,19 @@ def test_msgms_is_zero_for_identical_images_and_marks_a_changed_patch():
     y[:, :, 4:10, 20:28] = 0.5
     diff = models.msgms_map(x, y)[0, 0]
     assert diff[4:10, 20:28].mean() > 5 * diff[20:, :12].mean()
+
+
+def test_chroma_sees_a_colour_change_but_not_a_brightness_change_and_is_zero_on_grey_images():
+    torch.manual_seed(0)
+    grey = torch.rand(1, 1, 32, 32).expand(1, 3, 32, 32).contiguous()
+    x = grey * torch.tensor([1.0, 0.9, 0.7]).view(1, 3, 1, 1)  # a tinted surface with texture
+    brighter = (x * 1.3).clamp(0, 1)  # same colour everywhere, other luminance
+    stained = x.clone()
+    stained[:, 2, 8:16, 8:16] += 0.3  # a blue stain
+    assert models.chroma_map(x, x).abs().max() < 1e-12
+    stain = models.chroma_map(x, stained)[0, 0]
+    assert stain[8:16, 8:16].mean() > 100 * stain[20:, 20:].mean()
+    assert models.chroma_map(x, brighter).mean() < 0.01 * stain[8:16, 8:16].mean()
+    coloured_recon = grey.clone()
+    coloured_recon[:, 0] += 0.1  # a reconstruction of a grey image is never exactly grey
+    assert models.chroma_map(grey, coloured_recon).abs().max() == 0
