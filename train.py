@@ -42,17 +42,18 @@ GRAD_CLIP = 5.0  # every step rescales the gradient to a global norm of at most 
 # ----------------------------------------------------------------------------- options
 
 def stage_option(index, stage, what):
-    """The option that sets a stage's `what` (epochs, lr): --epochs/--lr for the first stage,
-    --<stage>-epochs/--<stage>-lr for each later one (--prior-epochs, ...)."""
+    """The option that sets a stage's `what` (epochs, lr, steps): --epochs/--lr for the first
+    stage, --<stage>-epochs/--<stage>-lr for each later one (--prior-epochs, ...)."""
     return what if index == 0 else f"{stage}_{what}"
 
 
 def recipe_defaults(cls):
-    """The option values a model's recipe gives: epochs and lr of each stage (a later stage the
-    recipe does not name runs like the first), and anomaly_fraction."""
+    """What a model's recipe fills in: steps and lr of each stage (a later stage the recipe does
+    not name runs like the first), and anomaly_fraction. Epochs come from the steps once the
+    size of the training set is known (plan_stages)."""
     recipe, values = cls.recipe, {"anomaly_fraction": cls.recipe["anomaly_fraction"]}
     for index, stage in enumerate(cls.stages):
-        for what in ("epochs", "lr"):
+        for what in ("steps", "lr"):
             values[stage_option(index, stage, what)] = recipe.get(stage_option(index, stage, what), recipe[what])
     return values
 
@@ -95,12 +96,15 @@ def parse_args(argv=None):
                    help="seeds the weights, the val split, the shuffling and the synthetic anomalies")
     p.add_argument("--val-fraction", type=checks.open_fraction, default=0.1, help="train/good held out for validation")
     g = p.add_argument_group("schedule (default: the model's recipe, values in brackets)")
-    g.add_argument("--epochs", type=checks.positive_int, help=f"epochs of the first stage ({per_model('epochs')})")
+    g.add_argument("--epochs", type=checks.positive_int,
+                   help="epochs of the first stage (default: the recipe's optimisation steps as whole epochs of "
+                        f"the training set, {per_model('steps')} steps; 3600 are 300 epochs of 188 images at batch 16)")
     g.add_argument("--lr", type=checks.positive_float,
                    help=f"peak learning rate of the first stage, cosine-decayed to 0 ({per_model('lr')})")
     for stage, names in later.items():
         g.add_argument(f"--{stage}-epochs", type=checks.positive_int,
-                       help=f"epochs of the '{stage}' stage of {', '.join(names)} ({per_model(f'{stage}_epochs')})")
+                       help=f"epochs of the '{stage}' stage of {', '.join(names)} (default: "
+                            f"{per_model(f'{stage}_steps')} steps, as whole epochs)")
         g.add_argument(f"--{stage}-lr", type=checks.positive_float,
                        help=f"peak learning rate of the '{stage}' stage ({per_model(f'{stage}_lr')})")
     g.add_argument("--anomaly-fraction", type=checks.unit_fraction,
@@ -130,7 +134,7 @@ def parse_args(argv=None):
                    help="allow a randomly initialised LPIPS backbone (logged as lpips_random)")
     args = p.parse_args(argv)
     for key, value in recipe_defaults(MODELS[args.model]).items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.out = args.out or str(run_dir(args.runs, args.category, args.model))
     return args
@@ -292,9 +296,12 @@ class Stage:
 
 
 def plan_stages(model, args, steps_per_epoch):
-    """The model's stages, in order, with the epochs and peak lr the options give them."""
-    return [Stage(i, name, getattr(args, stage_option(i, name, "epochs")),
-                  getattr(args, stage_option(i, name, "lr")), steps_per_epoch)
+    """The model's stages, in order, with their peak lr and their epochs: as given, else the
+    recipe's steps rounded up to whole epochs of the training set."""
+    def epochs(i, name):
+        given = getattr(args, stage_option(i, name, "epochs"))
+        return given or math.ceil(getattr(args, stage_option(i, name, "steps")) / steps_per_epoch)
+    return [Stage(i, name, epochs(i, name), getattr(args, stage_option(i, name, "lr")), steps_per_epoch)
             for i, name in enumerate(model.stages)]
 
 

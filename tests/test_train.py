@@ -151,8 +151,9 @@ def test_one_vocabulary_class_and_category_runs_and_out():
 
 def test_recipe_fills_what_the_command_line_leaves_open():
     args = train.parse_args(["--model", "savae", "--category", "bottle", "--prior-lr", "0.5"])
-    schedule = (args.epochs, args.lr, args.prior_epochs, args.prior_lr, args.anomaly_fraction)
-    assert schedule == (200, 1e-3, 30, 0.5, 0.5)
+    schedule = (args.steps, args.lr, args.prior_steps, args.prior_lr, args.anomaly_fraction)
+    assert schedule == (2400, 1e-3, 360, 0.5, 0.5)
+    assert args.epochs is None and args.prior_epochs is None  # from the steps, once the data is known
     assert train.model_args(args) == {"image_size": 128}  # the model's own defaults for the rest
 
 
@@ -161,8 +162,8 @@ def test_help_shows_every_models_defaults(capsys):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: recipe)" not in text
-    assert "dae 300, beta_vae 250, ar_savae 160, savae 200, vqvae 40" in text  # --epochs
-    assert "ar_savae 30, savae 30, vqvae 40" in text  # --prior-epochs
+    assert "dae 3600, beta_vae 3000, ar_savae 1920, savae 2400, vqvae 480 steps" in text  # --epochs
+    assert "ar_savae 360, savae 360, vqvae 480 steps" in text  # --prior-epochs
     assert "latent_dim=2048" in text and "lpips_weight=1.0" in text
 
 
@@ -170,3 +171,13 @@ def test_an_option_the_model_does_not_take_is_a_clear_error(rgb_root, tmp_path):
     r = run_train(rgb_root, "synthetic", tmp_path, "--model", "vqvae", "--latent-dim", "64", check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: vqvae") and "latent_dim" in r.stderr
+
+
+def test_recipe_steps_become_whole_epochs_of_the_training_set_unless_epochs_are_given():
+    """Training time stays the same for a larger category, and a tiny one still gets its updates."""
+    args = train.parse_args(["--model", "savae", "--category", "bottle", "--prior-epochs", "7"])
+    model = models.MODELS["savae"]()
+    bottle, metal_nut, five_images = (train.plan_stages(model, args, n) for n in (12, 13, 1))
+    assert [s.epochs for s in bottle] == [200, 7] and [s.total_steps for s in bottle] == [2400, 84]
+    assert metal_nut[0].epochs == 185 and metal_nut[0].total_steps >= 2400
+    assert five_images[0].epochs == 2400
