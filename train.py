@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -247,9 +249,27 @@ def smooth_noise_masks(n, size, coverage):
     return (field > cut).float().view(n, 1, size, size)
 
 
-def add_synthetic_anomalies(x, fraction):
-    """Paste shifted, recoloured pieces of other training images through smooth-noise masks into
-    the first `fraction` of the batch; the model is trained to output the clean image (restoration,
+def stroke_masks(n, size, segments=8):
+    """Thin curved strokes (n, 1, S, S), like scratches, cracks and bent wires: random walks of
+    `segments` straight pieces (10-50 % of the side in all) drawn 1-3 px wide at 128 px."""
+    scale = size / 128
+    start = torch.rand(n, 1, 2) * 0.6 + 0.2  # in [0, 1] image coordinates
+    heading = torch.rand(n, 1) * 2 * math.pi + torch.cumsum(torch.randn(n, segments) * 0.5, 1)
+    step = (torch.rand(n, 1) * 0.4 + 0.1) / segments
+    moves = torch.stack([torch.cos(heading), torch.sin(heading)], -1) * step[..., None]
+    points = (torch.cat([start, start + torch.cumsum(moves, 1)], 1) * size).round().int().numpy()
+    widths = torch.randint(1, 4, (n,)).mul(scale).round().clamp_min(1).int().tolist()
+    masks = np.zeros((n, size, size), np.uint8)
+    for mask, line, width in zip(masks, points, widths):
+        cv2.polylines(mask, [line], False, 1, thickness=width)
+    return torch.from_numpy(masks).float()[:, None]
+
+
+def add_synthetic_anomalies(x, fraction, strokes=0.5):
+    """Paste shifted, recoloured pieces of other training images into the first `fraction` of the
+    batch, through smooth-noise blobs or, for a `strokes` share of them, thin curves (scratches
+    and cracks are the defects a model most easily copies); the model is trained to output the
+    clean image (restoration,
     as in DRAEM's reconstructive network, with patches from normal images as in NSA: no outside
     data; the random colour gain and offset make a patch foreign even where it lands on the same
     kind of surface)."""
@@ -257,7 +277,9 @@ def add_synthetic_anomalies(x, fraction):
     if k == 0 or len(x) < 2:
         return x
     size = x.shape[-1]
-    mask = smooth_noise_masks(k, size, torch.empty(k).uniform_(0.01, 0.1)).to(x.device)
+    mask = smooth_noise_masks(k, size, torch.empty(k).uniform_(0.01, 0.1))
+    thin = torch.rand(k, 1, 1, 1) < strokes  # this share of the anomalies are thin strokes
+    mask = torch.where(thin, stroke_masks(k, size), mask).to(x.device)
     donors = x.roll(1, dims=0)[:k]  # another image of the batch ...
     shift = torch.randint(-size // 4, size // 4 + 1, (2,)).tolist()
     donors = donors.roll(shift, dims=(2, 3))  # ... from another place, so the patch looks foreign

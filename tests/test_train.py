@@ -181,3 +181,14 @@ def test_recipe_steps_become_whole_epochs_of_the_training_set_unless_epochs_are_
     assert [s.epochs for s in bottle] == [200, 7] and [s.total_steps for s in bottle] == [2400, 84]
     assert metal_nut[0].epochs == 185 and metal_nut[0].total_steps >= 2400
     assert five_images[0].epochs == 2400
+
+
+def test_stroke_masks_are_thin_curves_inside_the_image():
+    torch.manual_seed(0)
+    masks = train.stroke_masks(64, 128)
+    assert masks.shape == (64, 1, 128, 128) and set(masks.unique().tolist()) == {0.0, 1.0}
+    covered = masks.flatten(1).mean(1)
+    assert (covered > 0).all() and covered.max() < 0.05  # every mask has a stroke, none is a blob
+    rows = masks.amax(3)[:, 0].sum(1)
+    cols = masks.amax(2)[:, 0].sum(1)
+    assert (masks.flatten(1).sum(1) < 0.5 * rows * cols).float().mean() > 0.5  # mostly not filled boxes
