@@ -591,6 +591,14 @@ def fresh_folder(parent):
     raise DetectError(f"cannot make a fresh folder in '{parent}'")
 
 
+def score_batch(run, calibration, images, args):
+    """(maps, reconstructions, epistemic maps, scores) of one batch of uint8 images."""
+    raw, recons, epistemic = run.maps_of(images)
+    maps = anomaly_map(raw, calibration, run.names, args.sigma)
+    checks.require_finite(run.ckpt_path, image_maps=maps)
+    return maps, recons, epistemic, image_scores(maps, args.score, args.topk)
+
+
 def inspect_images(run, args, paths, out):
     """Score new, unlabelled images: scores.csv, one picture each, a one-line summary. Decoding
     runs in threads ahead of the model; pictures are drawn only once every score is written."""
@@ -602,10 +610,8 @@ def inspect_images(run, args, paths, out):
     scores = []
     batches = data.decoded_batches(paths, run.cfg["size"], args.batch_size)
     for _, images in tqdm(batches, total=-(-len(paths) // args.batch_size), desc="score", leave=False):
-        raw, recons, epistemic = run.maps_of(images)
-        maps = anomaly_map(raw, calibration, run.names, args.sigma)
-        checks.require_finite(run.ckpt_path, image_maps=maps)
-        scores.append(image_scores(maps, args.score, args.topk))
+        maps, recons, epistemic, batch_scores = score_batch(run, calibration, images, args)
+        scores.append(batch_scores)
         if not args.no_pictures or args.save_maps:
             for key, value in zip(kept, (images, recons, maps, epistemic)):
                 kept[key].append(value)

@@ -155,3 +155,12 @@ def test_class_all_writes_a_summary_with_a_mean_row(setup, tmp_path):
     assert table[0] == ("| category | model | image AUROC | pixel AUROC | AUPRO | F1 | good flagged | "
                         "training minutes |")
     assert table[-1].startswith("| mean (2 classes) |") and "(over 1)" in table[-1]
+
+
+def test_bench_inspect_reports_images_per_second_for_each_model(tmp_path, capsys):
+    import bench
+    bench.main(["--inspect", "--models", "dae", "vqvae", "--sizes", "32", "--steps", "1", "--warmup", "1",
+                "--no-peak", "--device", "cpu", "--data-root", str(tmp_path / "none"),
+                "--runs", str(tmp_path / "runs"), "--inspect-images", "8"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| dae") or line.startswith("| vqvae")]
+    assert len(rows) == 2 and all("| cpu | untrained | 16 |" in r for r in rows)
