@@ -494,11 +494,12 @@ def main(argv=None):
              + (f", GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
         emit(f"- batch {opts.batch_size}, {opts.warmup} warm-up + {opts.steps} timed steps per loop, "
              "loops interleaved step by step; img/s = batch / median step time")
-        emit("- ours: decoded-once uint8 images, data.to_float, the model as train.py builds it, "
-             "train.train_step (model.loss + backward + clip + AdamW); recipe: the same plus "
-             "train.py's default synthetic anomalies + SSIM term (LPIPS excluded); ref: PIL decode "
-             "+ resize from disk per access, ToTensor, DataLoader(num_workers=0), float32 NCHW, "
-             "model.loss + backward + AdamW")
+        if not opts.inspect:
+            emit("- ours: decoded-once uint8 images, data.to_float, the model as train.py builds it, "
+                 "train.train_step (model.loss + backward + clip + AdamW); recipe: the same plus "
+                 "train.py's default synthetic anomalies + SSIM term (LPIPS excluded); ref: PIL decode "
+                 "+ resize from disk per access, ToTensor, DataLoader(num_workers=0), float32 NCHW, "
+                 "model.loss + backward + AdamW")
         emit(f"- load average at start: {load_average()} (other processes on these cores slow "
              "both loops alike; compare the ratios)\n")
 
