@@ -3,6 +3,7 @@
     python bench.py                                   # all models, 128 and 256 px, CPU (+ CUDA)
     python bench.py --models vqvae --sizes 128 --steps 4 --out bench_results.md
     python bench.py --models vqvae --sizes 128 --profile   # where the time goes, and what helps
+    python bench.py --inspect --sizes 128 --batch-size 32  # detect.py --images: img/s per model
 
 Ours      = what train.py does: the split decoded once into a uint8 tensor in memory,
             `data.to_float` per batch, the model as train.py builds it, then train.train_step
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +44,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import data
+import detect
 import train
-from models import MODELS, build_model
+from models import MODELS, build_model, load_model
 
 
 # ----------------------------------------------------------------------------- setup
@@ -69,6 +72,14 @@ def parse_args(argv=None):
                    help="profile our training step of the first model/size on the first device "
                         "and time channels_last, thread counts and torch.compile against it")
     p.add_argument("--no-compile", action="store_true", help="--profile without torch.compile")
+    p.add_argument("--inspect", action="store_true",
+                   help="instead of training: images/s of detect.py --images scoring, from decoded "
+                        "tensors (maps + score + verdict) and end to end from the PNG files")
+    p.add_argument("--inspect-images", type=int, default=64,
+                   help="--inspect: PNG files decoded and scored end to end")
+    p.add_argument("--runs", default="outputs",
+                   help="--inspect: uses <runs>/<category>/<model>/best.pt when trained at the size, "
+                        "else untrained weights (the same work per image)")
     return p.parse_args(argv)
 
 
@@ -387,6 +398,71 @@ def profile(name, size, device, split, root, category, opts, out):
             out.append(f"| {label} | - | - | {note} |")
 
 
+# ----------------------------------------------------------------------------- inspection (detect.py --images)
+
+def inspect_model(name, size, device, opts, category):
+    """The trained model when <runs>/<category>/<name>/best.pt is at this size, else untrained."""
+    path = train.trained_checkpoint(train.run_dir(opts.runs, category, name))
+    if path is not None:
+        model, ckpt = load_model(str(path), device)
+        if ckpt["config"]["size"] == size:
+            return model, "trained"
+    torch.manual_seed(0)
+    return build_model(name, image_size=size).to(device).eval(), "untrained"
+
+
+def bench_inspect(name, size, device, split, opts, category):
+    """detect.py's own scoring (detect.score_batch) with its default map and a calibration made
+    from the first images: img/s from decoded tensors, from PNG files (decoding in threads
+    ahead of the model, data.decoded_batches), and of decoding alone."""
+    model, weights = inspect_model(name, size, device, opts, category)
+    names, bs = model.default_map.split("+"), opts.batch_size
+    run = SimpleNamespace(names=names, ckpt_path="(bench)", maps_of=lambda images: detect.compute_maps(
+        model, images, names, device, bs, 8, None))
+    raw = run.maps_of(split.images[:bs])[0]
+    baseline = {n: m.mean(0) for n, m in raw.items()}
+    calibration = {"baseline": baseline, "val_maps": detect.subtract_baseline(raw, baseline)}
+    args = SimpleNamespace(sigma=4.0, score="max", topk=100)
+
+    def score(images):
+        scores = detect.score_batch(run, calibration, images, args)[3]
+        return scores > 0.5  # the verdict
+
+    def tensors():
+        for batch in shuffled_batches(len(split.images), bs):
+            score(split.images[batch])
+            yield
+    t_tensor = race({"tensors": tensors()}, opts.steps, opts.warmup, device)["tensors"]
+    paths = split.paths[:opts.inspect_images]
+
+    def seconds(work):
+        t = time.perf_counter()
+        for _, images in data.decoded_batches(paths, size, bs):
+            work(images)
+        sync(device)
+        return time.perf_counter() - t
+    t_decode = seconds(lambda images: None)
+    t_e2e = seconds(score)
+    return {"model": name, "px": size, "device": device.type, "weights": weights, "batch": bs,
+            "tensors": bs / t_tensor, "png": len(paths) / t_e2e, "decode": len(paths) / t_decode,
+            "files": len(paths)}
+
+
+def inspect_table(opts, splits, category, emit):
+    emit("| model | px | device | weights | batch | tensors img/s (maps + score + verdict) | "
+         "PNG end to end img/s | decode alone img/s | vs dae (tensors) |")
+    emit("|---|---:|---|---|---:|---:|---:|---:|---:|")
+    for device in devices(opts.device):
+        for size in opts.sizes:
+            rows = [bench_inspect(name, size, device, splits[size], opts, category) for name in opts.models]
+            dae = next((r["tensors"] for r in rows if r["model"] == "dae"), rows[0]["tensors"])
+            for r in rows:
+                emit(f"| {r['model']} | {r['px']} | {r['device']} | {r['weights']} | {r['batch']} | "
+                     f"{r['tensors']:.1f} | {r['png']:.1f} | {r['decode']:.1f} | {dae / r['tensors']:.1f}x slower |")
+    emit(f"\nend to end: {rows[0]['files']} PNG files decoded by data.decoded_batches "
+         f"({min(8, os.cpu_count() or 1)} threads, two batches ahead) while detect.score_batch scores")
+
+
 # ----------------------------------------------------------------------------- main
 
 def cpu_name():
@@ -410,18 +486,20 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         root, category, description = resolve_data(opts.data_root, opts.category, opts.sizes, tmp)
         cpu = cpu_name()
-        emit("# Throughput: ours (train.py) vs the plain reference loop\n")
+        emit("# Inspection throughput: detect.py --images\n" if opts.inspect else
+             "# Throughput: ours (train.py) vs the plain reference loop\n")
         emit(f"- data: {description}")
         emit(f"- torch {torch.__version__}, Python {platform.python_version()}, CPU: {cpu}, "
              f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
              + (f", GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
         emit(f"- batch {opts.batch_size}, {opts.warmup} warm-up + {opts.steps} timed steps per loop, "
              "loops interleaved step by step; img/s = batch / median step time")
-        emit("- ours: decoded-once uint8 images, data.to_float, the model as train.py builds it, "
-             "train.train_step (model.loss + backward + clip + AdamW); recipe: the same plus "
-             "train.py's default synthetic anomalies + SSIM term (LPIPS excluded); ref: PIL decode "
-             "+ resize from disk per access, ToTensor, DataLoader(num_workers=0), float32 NCHW, "
-             "model.loss + backward + AdamW")
+        if not opts.inspect:
+            emit("- ours: decoded-once uint8 images, data.to_float, the model as train.py builds it, "
+                 "train.train_step (model.loss + backward + clip + AdamW); recipe: the same plus "
+                 "train.py's default synthetic anomalies + SSIM term (LPIPS excluded); ref: PIL decode "
+                 "+ resize from disk per access, ToTensor, DataLoader(num_workers=0), float32 NCHW, "
+                 "model.loss + backward + AdamW")
         emit(f"- load average at start: {load_average()} (other processes on these cores slow "
              "both loops alike; compare the ratios)\n")
 
@@ -441,32 +519,38 @@ def main(argv=None):
             emit(f"- ours decodes the {len(splits[size])} train images once at {size} px: "
                  f"{time.perf_counter() - t0:.1f} s, then never again (the reference pays it every epoch)")
         emit("")
-        if opts.profile:
+        if opts.inspect:
+            inspect_table(opts, splits, category, emit)
+        elif opts.profile:
             report = []
             profile(opts.models[0], opts.sizes[0], devices(opts.device)[0], splits[opts.sizes[0]],
                     root, category, opts, report)
             for line in report:
                 emit(line)
             emit("")
-
-        emit("| model | px | device | train ours img/s | train ref img/s | train ratio | "
-             "train recipe img/s | infer ours img/s | infer ref img/s | infer ratio | "
-             "GFLOP / train img | achieved GFLOP/s | of conv peak |")
-        emit("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for device in devices(opts.device):
-            for size in opts.sizes:
-                for name in opts.models:
-                    r = bench_one(name, size, device, splits[size], root, category, opts,
-                                  peaks.get(device.type))
-                    emit(f"| {r['model']} | {r['px']} | {r['device']} | {r['train_ours']:.1f} | "
-                         f"{r['train_ref']:.1f} | {r['train_ours'] / r['train_ref']:.2f}x | "
-                         f"{r['train_recipe']:.1f} | {r['infer_ours']:.1f} | {r['infer_ref']:.1f} | "
-                         f"{r['infer_ours'] / r['infer_ref']:.2f}x | {r['gflop_train']:.2f} | "
-                         f"{r['achieved']:.0f} | {fraction(r['of_conv_peak'])} |")
+        if not opts.inspect:
+            train_table(opts, splits, root, category, peaks, emit)
     emit(f"\nload average at end: {load_average()}")
     if opts.out:
         Path(opts.out).write_text("\n".join(out) + "\n")
         print(f"\nwrote {opts.out}")
+
+
+def train_table(opts, splits, root, category, peaks, emit):
+    emit("| model | px | device | train ours img/s | train ref img/s | train ratio | "
+         "train recipe img/s | infer ours img/s | infer ref img/s | infer ratio | "
+         "GFLOP / train img | achieved GFLOP/s | of conv peak |")
+    emit("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for device in devices(opts.device):
+        for size in opts.sizes:
+            for name in opts.models:
+                r = bench_one(name, size, device, splits[size], root, category, opts,
+                              peaks.get(device.type))
+                emit(f"| {r['model']} | {r['px']} | {r['device']} | {r['train_ours']:.1f} | "
+                     f"{r['train_ref']:.1f} | {r['train_ours'] / r['train_ref']:.2f}x | "
+                     f"{r['train_recipe']:.1f} | {r['infer_ours']:.1f} | {r['infer_ref']:.1f} | "
+                     f"{r['infer_ours'] / r['infer_ref']:.2f}x | {r['gflop_train']:.2f} | "
+                     f"{r['achieved']:.0f} | {fraction(r['of_conv_peak'])} |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ Run as a script: `python data.py --synthetic DIR` writes a small synthetic categ
 fixture, not a benchmark), `python data.py --download CATEGORY` fetches MVTec AD.
 """
 import argparse
+import collections
+import glob
 import hashlib
 import http.client
 import os
@@ -38,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 DEFAULT_ROOT = "data/mvtec_ad"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
@@ -69,6 +71,7 @@ class Split:
     masks: torch.Tensor
     defect_types: list
     paths: list
+    unmasked: list = None  # defect types without ground_truth/<defect>/: no pixel metrics
 
     def __len__(self):
         return len(self.paths)
@@ -165,7 +168,10 @@ def split_files(root, category, record, which):
 
 
 def test_files(cat):
-    """(image path, defect type, mask path or None) for every test image, good ones first."""
+    """(image path, defect type, mask path or None) for every test image, good ones first.
+    A defect type without a ground_truth/<defect>/ folder is labelled by its folder alone (the
+    usual case for a user's own data): its masks are None. Inside a ground_truth/<defect>/ folder
+    every image needs its mask."""
     test = cat / "test"
     if not test.is_dir():
         raise DatasetError(f"no test folder '{test}'; {LAYOUT_HELP}")
@@ -173,9 +179,10 @@ def test_files(cat):
     for defect_dir in sorted(test.iterdir(), key=lambda p: (p.name != "good", p.name)):
         if not defect_dir.is_dir():
             continue
+        masked = (cat / "ground_truth" / defect_dir.name).is_dir()
         for path in image_files(defect_dir):
             mask = None
-            if defect_dir.name != "good":
+            if defect_dir.name != "good" and masked:
                 mask = cat / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
                 if not mask.is_file():
                     raise DatasetError(f"defect image '{path}' has no mask (looked for '{mask}')")
@@ -359,7 +366,47 @@ def load_split(root, category, split, size, val_fraction=0.1, seed=0, files=None
         masks=torch.stack(masks),
         defect_types=[d for _, d, _ in entries],
         paths=[str(p) for p, _, _ in entries],
+        unmasked=sorted({d for _, d, m in entries if d != "good" and m is None}),
     )
+
+
+def expand_images(patterns):
+    """Image files named by files, folders (their images, by name) or globs, in the order given,
+    each once. A pattern that names no image is an error: a typo must not score nothing."""
+    found = {}
+    for pattern in patterns:
+        path = Path(pattern)
+        matches = [path] if path.exists() else [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
+        files = []
+        for m in matches:
+            if m.is_dir():
+                files += image_files(m)
+            elif m.is_file() and (m.suffix.lower() in IMAGE_EXTENSIONS or m == path):
+                files.append(m)
+        if not files:
+            raise DatasetError(f"--images '{pattern}' matches no image files "
+                               f"({', '.join(IMAGE_EXTENSIONS)})")
+        found.update(dict.fromkeys(files))
+    return [str(p) for p in found]
+
+
+def decoded_batches(paths, size, batch_size, workers=None):
+    """Yield (paths, uint8 images (B, 3, S, S)) batch by batch, decoding ahead in a thread pool
+    (PIL releases the GIL), so the caller scores one batch while the next ones decode."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+
+    def finish(chunk, futures):
+        return chunk, torch.stack([f.result() for f in futures])
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        ahead = collections.deque()
+        for chunk in chunks:
+            ahead.append((chunk, [pool.submit(read_image, p, size) for p in chunk]))
+            if len(ahead) > 2:  # two batches decoding while the caller works on one
+                yield finish(*ahead.popleft())
+        while ahead:
+            yield finish(*ahead.popleft())
 
 
 def to_float(images_uint8, device=None):

@@ -2,6 +2,8 @@
 
     python detect.py --class bottle                      # best trained model for the class
     python detect.py --class bottle --model savae --map ssim+msgms --save-maps
+    python detect.py --class bottle --images "new/*.png" # unlabelled images: verdicts and maps
+    python detect.py --class all                         # every trained class, results/summary.md
 
 Maps (per pixel, higher = more anomalous), each model's own (model.anomaly_maps): l2 (squared
 error), ssim (1 - SSIM, 11 x 11 window), msgms (1 - multi-scale gradient-magnitude similarity),
@@ -22,14 +24,23 @@ masks are the pixels above that same threshold, so an image is flagged exactly w
 non-empty. Maps are never normalised by each image's own min and max: that stretches the noise
 of a good image to full scale, so every good image would look defective.
 
+Calibration (baseline map, val maps, threshold) is computed once per checkpoint and setting,
+stored in <checkpoint folder>/calibration/ and reused while every setting it depends on matches.
+
 Writes results/<class>/: metrics.json, scores.csv, roc.png, failures.png, one
-<class>_<defect>_<idx>_viz.png per test image, and maps.npz with --save-maps.
+<class>_<defect>_<idx>_viz.png per test image, and maps.npz with --save-maps. A defect type
+without ground_truth/ masks gets image metrics only (pixel metrics null). --images writes
+results/<class>/inspect/<date-time>/: scores.csv (path, score, verdict, threshold) and one
+<idx>_<name>_viz.png per image.
 """
 import argparse
+import copy
 import csv
 import os
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import matplotlib
@@ -126,12 +137,15 @@ def oracle_f1(scores, labels):
 # ----------------------------------------------------------------------------- maps
 
 @torch.inference_mode()
-def compute_maps(model, split, names, device, batch_size, mc_passes, perceptual):
-    """Raw maps (N, H, W) for each requested name, reconstructions (N, 3, H, W) as uint8,
-    and the model's epistemic map when it has one (for the uncertainty panel)."""
+def compute_maps(model, images, names, device, batch_size, mc_passes, perceptual, seed=0):
+    """Raw maps (N, H, W) of uint8 images (N, 3, H, W) for each requested name, reconstructions
+    (N, 3, H, W) as uint8, and the model's epistemic map when it has one (for the uncertainty
+    panel). MC dropout is reseeded for every batch, so a batch's maps depend on its images
+    alone: scoring the same files later (--images) gives the same numbers."""
     out, recons, epistemic = {n: [] for n in names}, [], []
-    for start in range(0, len(split), batch_size):
-        x = data.to_float(split.images[start:start + batch_size], device)
+    for start in range(0, len(images), batch_size):
+        torch.manual_seed(seed)
+        x = data.to_float(images[start:start + batch_size], device)
         recon, own = model.anomaly_maps(x, mc_passes)
         for n in names:
             amap = perceptual.map(x, recon) if n == "lpips" else own[n]
@@ -184,12 +198,22 @@ def image_scores(maps, rule, topk):
     return np.sort(flat, axis=1)[:, -topk:].mean(1)
 
 
+def anomaly_map(raw, calibration, names, sigma):
+    """The one map an image is judged by: baseline subtracted, maps combined with the val
+    statistics, smoothed. Calibration and every later image go through exactly this."""
+    if calibration["baseline"] is not None:
+        raw = subtract_baseline(raw, calibration["baseline"])
+    return smooth(combine(raw, calibration["val_maps"], names)[0], sigma)
+
+
 def detection_metrics(scores, labels, maps, masks, threshold):
-    """Image and pixel metrics of one run; an image is flagged when its score exceeds threshold."""
+    """Image and pixel metrics of one run; an image is flagged when its score exceeds threshold.
+    masks None (defects labelled by folder only): the pixel metrics are None."""
     f1, false_alarms = f1_and_false_alarms(scores, labels, threshold)
     return {
-        "image_auroc": auroc(scores, labels), "pixel_auroc": auroc(maps, masks),
-        "aupro_0.3": aupro(maps, masks), "threshold": threshold,
+        "image_auroc": auroc(scores, labels),
+        "pixel_auroc": None if masks is None else auroc(maps, masks),
+        "aupro_0.3": None if masks is None else aupro(maps, masks), "threshold": threshold,
         "f1": f1, "good_false_alarm_rate": false_alarms,
         "defect_miss_rate": float((scores[labels == 1] <= threshold).mean()) if (labels == 1).any() else float("nan"),
         "oracle_f1_on_test (reference only)": oracle_f1(scores, labels),
@@ -205,7 +229,114 @@ def write_tables(out, metrics, test, scores, maps, masks, save_maps):
         for p, d, y, s in zip(test.paths, test.defect_types, test.labels.numpy(), scores):
             w.writerow([p, d, int(y), f"{s:.6g}", int(s > metrics["threshold"])])
     if save_maps:
-        np.savez_compressed(out / "maps.npz", maps=maps.astype(np.float32), masks=masks.astype(np.uint8))
+        np.savez_compressed(out / "maps.npz", maps=maps.astype(np.float32),
+                            **({} if masks is None else {"masks": masks.astype(np.uint8)}))
+
+
+# ----------------------------------------------------------------------------- calibration
+# What detection derives from the training data (baseline map, val maps, threshold) is computed
+# once per checkpoint and setting and stored beside the checkpoint, in calibration/: mapping the
+# training split again on every run cost the VQ-VAE minutes.
+
+def calibration_path(ckpt_path, map_name):
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.parent / "calibration" / f"{ckpt_path.stem}_{map_name}.pt"
+
+
+def calibration_settings(args, ckpt_path, root):
+    """Everything a calibration depends on: a stored one is used only when all of it matches."""
+    return {"checkpoint_sha256": data.sha256_of(ckpt_path),
+            "data": str(Path(root).resolve() / args.category),
+            "map": args.map, "baseline": args.baseline, "sigma": args.sigma, "score": args.score,
+            "topk": args.topk, "mc_passes": args.mc_passes, "seed": args.seed,
+            "lpips_backbone": args.lpips_backbone}
+
+
+def what_changed(old, new):
+    return ", ".join("the checkpoint file changed" if k == "checkpoint_sha256" else f"{k} {old.get(k)} -> {new[k]}"
+                     for k in new if old.get(k) != new[k])
+
+
+def read_calibration(path):
+    """The stored calibration, or None when there is none or it cannot be read (then it is
+    computed again: it is a cache, never the only copy of anything)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # missing, truncated, from another version: all mean "compute it"
+        return None
+
+
+def compute_calibration(run, args, settings):
+    """Map the recorded val images (and, for the baseline, the recorded train images)."""
+    root, category, size = run.root, args.category, run.cfg["size"]
+    split = checks.split_of(run.ckpt, run.ckpt_path, root, category)
+    val = data.load_split(root, category, "val", size, files=data.split_files(root, category, split, "val"))
+    raw = run.maps_of(val.images)[0]
+    baseline, n_train = None, 0
+    if args.baseline == "train":
+        train = data.load_split(root, category, "train", size,
+                                files=data.split_files(root, category, split, "train"))
+        baseline, n_train = {n: m.mean(0) for n, m in run.maps_of(train.images)[0].items()}, len(train)
+    calibration = {"settings": settings, "baseline": baseline,
+                   "val_maps": raw if baseline is None else subtract_baseline(raw, baseline),
+                   "val_files": [Path(p).name for p in val.paths], "train_images": n_train}
+    val_maps = anomaly_map(raw, calibration, run.names, args.sigma)
+    checks.require_finite(run.ckpt_path, val_maps=val_maps)
+    val_scores = image_scores(val_maps, args.score, args.topk)
+    calibration.update(val_scores=val_scores, threshold=float(val_scores.max()))
+    return calibration
+
+
+def calibrate(run, args):
+    """The calibration of this checkpoint and setting, with a warning when it is thin."""
+    calibration = stored_or_fresh_calibration(run, args)
+    if args.threshold is None:
+        warn_if_thin(len(calibration["val_files"]))
+    return calibration
+
+
+def stored_or_fresh_calibration(run, args):
+    """The stored calibration when its settings match, else a fresh one (stored for next time).
+    Prints one line: computed, reused, or recomputed and why."""
+    path = calibration_path(run.ckpt_path, args.map)
+    settings = calibration_settings(args, run.ckpt_path, run.root)
+    stored = None if args.recalibrate else read_calibration(path)
+    if stored is not None and stored.get("settings") == settings:
+        print(f"calibration: reused {path} ({len(stored['val_files'])} val images)")
+        return to_numpy(stored)
+    reason = ("recomputed (--recalibrate)" if args.recalibrate else "computed" if stored is None
+              else f"recomputed ({what_changed(stored.get('settings', {}), settings) or 'unreadable'})")
+    calibration = compute_calibration(run, args, settings)
+    try:
+        path.parent.mkdir(exist_ok=True)
+        checks.write_atomic(path, lambda f: torch.save(to_torch(calibration), f), binary=True)
+        where = f"stored in {path}"
+    except (OSError, checks.RunError) as e:
+        where = f"not stored ({checks.first_line(e)}): the next run computes it again"
+    print(f"calibration: {reason} on {len(calibration['val_files'])} val / "
+          f"{calibration['train_images']} train images, {where}")
+    return calibration
+
+
+def to_torch(value):
+    """numpy arrays to tensors, recursively: torch.load(weights_only=True) reads them back."""
+    if isinstance(value, dict):
+        return {k: to_torch(v) for k, v in value.items()}
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
+def to_numpy(value):
+    if isinstance(value, dict):
+        return {k: to_numpy(v) for k, v in value.items()}
+    return value.numpy() if torch.is_tensor(value) else value
+
+
+def warn_if_thin(n_val):
+    """With n good val images the chance a new good image beats their maximum is 1 / (n + 1)."""
+    if n_val < 10:
+        print(f"warning: the threshold rests on {n_val} val image{'s' * (n_val != 1)}, so about "
+              f"{1 / (n_val + 1):.0%} of good images will be flagged (1/(n+1)); add good images to "
+              "train/good, or train with a larger --val-fraction")
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -221,16 +352,18 @@ def overlay_red(image, mask):
 
 
 class Picture:
-    """One reusable six (or seven) panel figure; only the pixel data changes per test image."""
+    """One reusable figure; only the pixel data changes per image. Panels: original,
+    reconstruction, ground truth (when there are masks), error map with its colour bar and the
+    threshold on it, predicted mask, red overlay, and epistemic uncertainty (MC-dropout models)."""
 
-    titles = ["original", "reconstruction", "ground truth", "error map", "predicted mask", "overlay"]
-
-    def __init__(self, size, vmax, threshold, with_uncertainty, unc_vmax):
-        n = 7 if with_uncertainty else 6
-        self.fig, axes = plt.subplots(1, n, figsize=(2.2 * n + 0.6, 2.6), dpi=100)
+    def __init__(self, size, vmax, threshold, with_truth, unc_vmax=None):
+        titles = (["original", "reconstruction"] + (["ground truth"] if with_truth else []) +
+                  ["error map", "predicted mask", "overlay"] +
+                  (["epistemic (MC dropout)"] if unc_vmax is not None else []))
+        self.fig, axes = plt.subplots(1, len(titles), figsize=(2.2 * len(titles) + 0.6, 2.6), dpi=100)
         blank = np.zeros((size, size, 3), np.uint8)
-        self.panels = []
-        for ax, title in zip(axes, self.titles + ["epistemic (MC dropout)"]):
+        self.with_truth, self.panels = with_truth, []
+        for ax, title in zip(axes, titles):
             ax.set_title(title, fontsize=9)
             ax.axis("off")
             if title == "error map":
@@ -246,11 +379,13 @@ class Picture:
         self.suptitle = self.fig.suptitle("", fontsize=9)
         self.fig.tight_layout()
 
-    def save(self, path, image, recon, mask, amap, predicted, title, uncertainty=None):
-        values = [image, recon, np.repeat(mask[..., None] * 255, 3, 2).astype(np.uint8), amap,
-                  np.repeat(predicted[..., None] * 255, 3, 2).astype(np.uint8),
-                  overlay_red(image, predicted)]
-        for panel, v in zip(self.panels, values + ([uncertainty] if uncertainty is not None else [])):
+    def save(self, path, image, recon, amap, predicted, title, mask=None, uncertainty=None):
+        def white(binary):
+            return np.repeat(binary[..., None] * 255, 3, 2).astype(np.uint8)
+        values = ([image, recon] + ([white(mask)] if self.with_truth else []) +
+                  [amap, white(predicted), overlay_red(image, predicted)] +
+                  ([uncertainty] if uncertainty is not None else []))
+        for panel, v in zip(self.panels, values):
             panel.set_data(v)
         self.suptitle.set_text(title)
         self.fig.savefig(path)
@@ -289,34 +424,50 @@ def roc_picture(path, scores, labels, title):
     plt.close(fig)
 
 
-def write_pictures(out, category, size, test, recons, maps, scores, threshold, vmax, epistemic):
-    """One <class>_<defect>_<idx>_viz.png per test image; the predicted mask is map > threshold."""
+def write_pictures(out, files, captions, images, recons, maps, scores, threshold, vmax, epistemic,
+                   masks=None):
+    """One picture per image, out / files[i]; the predicted mask is map > threshold."""
     unc_vmax = float(np.percentile(epistemic, 99.9)) if epistemic is not None else None
-    picture = Picture(size, vmax, threshold, epistemic is not None, unc_vmax)
-    masks, counters = test.masks[:, 0].numpy().astype(bool), {}
-    for i in tqdm(range(len(test)), desc="pictures", leave=False):
-        d = test.defect_types[i]
-        counters[d] = counters.get(d, -1) + 1
-        picture.save(out / f"{category}_{d}_{counters[d]:03d}_viz.png", to_hwc(test.images[i]),
-                     to_hwc(recons[i]), masks[i], maps[i], maps[i] > threshold,
-                     f"{d}  score {scores[i]:.4g}  threshold {threshold:.4g}  "
+    picture = Picture(images.shape[-1], vmax, threshold, masks is not None, unc_vmax)
+    for i in tqdm(range(len(files)), desc="pictures", leave=False):
+        picture.save(out / files[i], to_hwc(images[i]), to_hwc(recons[i]), maps[i], maps[i] > threshold,
+                     f"{captions[i]}  score {scores[i]:.4g}  threshold {threshold:.4g}  "
                      f"{'DEFECT' if scores[i] > threshold else 'good'}",
-                     None if epistemic is None else epistemic[i])
+                     None if masks is None else masks[i], None if epistemic is None else epistemic[i])
     plt.close(picture.fig)
+
+
+def viz_names(category, defect_types):
+    """<class>_<defect>_<idx>_viz.png, idx counting within each defect type."""
+    counters, names = {}, []
+    for d in defect_types:
+        counters[d] = counters.get(d, -1) + 1
+        names.append(f"{category}_{d}_{counters[d]:03d}_viz.png")
+    return names
+
+
+def colour_scale(maps, threshold):
+    return float(max(threshold * 1.5, np.percentile(maps, 99.9)))
 
 
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Localise defects of one MVTec AD class from reconstruction error.",
-                                formatter_class=data.HelpFormatter)
-    add_shared_options(p, "MVTec AD class, e.g. bottle")
+                                formatter_class=data.HelpFormatter, epilog=EXIT_CODES)
+    add_shared_options(p, "MVTec AD class, e.g. bottle; 'all': every class trained under --runs, "
+                          "with results/summary.csv and summary.md")
     p.add_argument("--model", choices=list(MODELS),
                    help="model name (default: the first trained one for the class, in the order "
                         f"{', '.join(MODELS)}: best first, measured on bottle)")
     p.add_argument("--checkpoint", help="checkpoint file (default: <runs>/<class>/<model>/best.pt)")
     p.add_argument("--data-root", help="folder holding the categories (default: the checkpoint's)")
     p.add_argument("--results", default="results", help="results go to <results>/<class>/")
+    p.add_argument("--images", nargs="+", metavar="PATH",
+                   help="score these new images instead of test/: files, folders or globs (quote "
+                        "them), no labels needed; writes <results>/<class>/inspect/<time>/")
+    p.add_argument("--fail-on-defect", action="store_true",
+                   help="with --images: exit with code 3 when any image is flagged (for scripts)")
     p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (SAVAE/AR-SAVAE: "
                    "variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
                    "(default: the model's default_map, printed when the run starts)")
@@ -326,13 +477,25 @@ def parse_args(argv=None):
     p.add_argument("--score", choices=["max", "topk"], default="max", help="image score from its map")
     p.add_argument("--topk", type=checks.positive_int, default=100, help="pixels averaged by --score topk")
     p.add_argument("--threshold", type=checks.finite_float, help="image/pixel threshold (default: max val score)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="recompute the stored calibration (baseline, val maps, threshold) even if "
+                        "its settings match")
     p.add_argument("--save-maps", action="store_true", help="also write maps.npz (maps, masks)")
     p.add_argument("--no-pictures", action="store_true", help="skip the per-image pictures")
     p.add_argument("--mc-passes", type=checks.positive_int, default=8, help="MC-dropout passes for epistemic maps")
     p.add_argument("--seed", type=checks.non_negative_int, default=0, help="seeds the MC-dropout passes: same run, same numbers")
     p.add_argument("--lpips-backbone", help="local AlexNet weights for the lpips map")
     p.add_argument("--batch-size", type=checks.positive_int, default=16, help="images per forward pass")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.fail_on_defect and not args.images:
+        p.error("--fail-on-defect needs --images")
+    if args.category == "all" and (args.images or args.checkpoint):
+        p.error("--class all runs each class's test/ with its own checkpoint: drop --images and --checkpoint")
+    return args
+
+
+EXIT_CODES = """exit codes: 0 done (also when defects were found), 1 error (one 'error:' line), 2 bad
+argument, 3 --fail-on-defect and at least one image flagged, 130 interrupted."""
 
 
 def find_checkpoint(args):
@@ -351,11 +514,10 @@ def find_checkpoint(args):
                       f"first: python train.py --model {model} --category {args.category}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
+def load_run(args):
+    """The model, its checkpoint, the maps asked for and a maps_of(images) function: all that
+    detection needs before it sees any image."""
     device = pick_device(args.device)
-    out = checks.writable_dir(Path(args.results) / args.category, "--results")  # before the work
     ckpt_path = find_checkpoint(args)
     model, ckpt = checks.load_checkpoint(ckpt_path, device, expected=args.model)
     cfg = ckpt["config"]
@@ -369,53 +531,206 @@ def main(argv=None):
         raise DetectError(f"unknown map '{args.map}' for {ckpt['model_name']} "
                           f"(choose from {', '.join(sorted(allowed))})")
     perceptual = losses.load_lpips(args.lpips_backbone, spatial=True).to(device) if "lpips" in names else None
-    split = checks.split_of(ckpt, ckpt_path, root, args.category)  # the val images of training
-    val = data.load_split(root, args.category, "val", cfg["size"],
-                          files=data.split_files(root, args.category, split, "val"))
-    test = data.load_split(root, args.category, "test", cfg["size"], cfg["val_fraction"], cfg["seed"])
-    print(f"{ckpt['model_name']} ({ckpt_path}): {len(test)} test / {len(val)} val images "
-          f"at {cfg['size']} px, map {args.map}")
 
-    def maps_of(split):
-        return compute_maps(model, split, names, device, args.batch_size, args.mc_passes, perceptual)
+    def maps_of(images):
+        return compute_maps(model, images, names, device, args.batch_size, args.mc_passes, perceptual, args.seed)
+    split = checks.split_of(ckpt, ckpt_path, root, args.category)
+    return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, cfg=cfg, root=root, names=names,
+                           maps_of=maps_of, n_val=len(split["val"]), name=ckpt["model_name"])
 
-    raw_val, _, _ = maps_of(val)
-    raw_test, recons, epistemic = maps_of(test)
-    if args.baseline == "train":
-        train = data.load_split(root, args.category, "train", cfg["size"],
-                                files=data.split_files(root, args.category, split, "train"))
-        baseline = {n: m.mean(0) for n, m in maps_of(train)[0].items()}
-        raw_val, raw_test = subtract_baseline(raw_val, baseline), subtract_baseline(raw_test, baseline)
-    map_test, map_val = combine(raw_test, raw_val, names)
-    map_test, map_val = smooth(map_test, args.sigma), smooth(map_val, args.sigma)
-    checks.require_finite(ckpt_path, val_maps=map_val, test_maps=map_test)
-    scores = image_scores(map_test, args.score, args.topk)
-    threshold = args.threshold if args.threshold is not None else float(image_scores(map_val, args.score, args.topk).max())
-    labels, masks = test.labels.numpy(), test.masks[:, 0].numpy().astype(bool)
+
+def evaluate_test(run, args, out):
+    """Score test/ against its labels (and masks, where ground_truth/ has them)."""
+    test = data.load_split(run.root, args.category, "test", run.cfg["size"])
+    print(f"{run.name} ({run.ckpt_path}): {len(test)} test / {run.n_val} val images "
+          f"at {run.cfg['size']} px, map {args.map}")
+    calibration = calibrate(run, args)
+    raw, recons, epistemic = run.maps_of(test.images)
+    maps = anomaly_map(raw, calibration, run.names, args.sigma)
+    checks.require_finite(run.ckpt_path, test_maps=maps)
+    scores = image_scores(maps, args.score, args.topk)
+    threshold = args.threshold if args.threshold is not None else calibration["threshold"]
+    labels = test.labels.numpy()
+    masks = None if test.unmasked else test.masks[:, 0].numpy().astype(bool)
+    n_val = len(calibration["val_files"])
     metrics = {
-        "class": args.category, "model": ckpt["model_name"], "checkpoint": ckpt_path,
+        "class": args.category, "model": run.name, "checkpoint": run.ckpt_path,
         "map": args.map, "baseline": args.baseline, "sigma": args.sigma,
         "score": args.score if args.score == "max" else f"top{args.topk}",
-        "resolution": cfg["size"], "test_images": len(test), "val_images": len(val),
+        "resolution": run.cfg["size"], "test_images": len(test), "val_images": n_val,
         "threshold_rule": "--threshold" if args.threshold is not None else "max of val image scores",
-        **detection_metrics(scores, labels, map_test, masks, threshold),
+        "expected_good_flagged (1/(val+1))": 1 / (n_val + 1),
+        **detection_metrics(scores, labels, maps, masks, threshold),
     }
-    write_tables(out, metrics, test, scores, map_test, masks, args.save_maps)
+    if test.unmasked:
+        print(f"pixel metrics unavailable (null): no ground_truth/ masks for "
+              f"{', '.join(test.unmasked)}; image metrics only")
+    write_tables(out, metrics, test, scores, maps, masks, args.save_maps)
     roc_picture(out / "roc.png", scores, labels,
-                f"{args.category} {ckpt['model_name']} {args.map}: AUROC {metrics['image_auroc']:.3f}")
-    vmax = float(max(threshold * 1.5, np.percentile(map_test, 99.9)))
-    failure_grid(out / "failures.png", test, recons, map_test, scores, threshold, vmax)
+                f"{args.category} {run.name} {args.map}: AUROC {metrics['image_auroc']:.3f}")
+    vmax = colour_scale(maps, threshold)
+    failure_grid(out / "failures.png", test, recons, maps, scores, threshold, vmax)
     if not args.no_pictures:
-        write_pictures(out, args.category, cfg["size"], test, recons, map_test, scores, threshold, vmax, epistemic)
-    print(f"image AUROC {metrics['image_auroc']:.3f}  pixel AUROC {metrics['pixel_auroc']:.3f}  "
-          f"AUPRO {metrics['aupro_0.3']:.3f}  F1 {metrics['f1']:.3f}  "
+        write_pictures(out, viz_names(args.category, test.defect_types), test.defect_types, test.images,
+                       recons, maps, scores, threshold, vmax, epistemic, masks)
+    print(f"image AUROC {metrics['image_auroc']:.3f}  pixel AUROC {number(metrics['pixel_auroc'])}  "
+          f"AUPRO {number(metrics['aupro_0.3'])}  F1 {metrics['f1']:.3f}  "
           f"good flagged {metrics['good_false_alarm_rate']:.0%}  -> {out}")
     return metrics
 
 
+def number(value):
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def fresh_folder(parent):
+    """A new folder under parent named by the time, so no file of an earlier run is mixed in."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        folder = Path(parent) / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise DetectError(f"cannot make a fresh folder in '{parent}'")
+
+
+def score_batch(run, calibration, images, args):
+    """(maps, reconstructions, epistemic maps, scores) of one batch of uint8 images."""
+    raw, recons, epistemic = run.maps_of(images)
+    maps = anomaly_map(raw, calibration, run.names, args.sigma)
+    checks.require_finite(run.ckpt_path, image_maps=maps)
+    return maps, recons, epistemic, image_scores(maps, args.score, args.topk)
+
+
+def inspect_images(run, args, paths, out):
+    """Score new, unlabelled images: scores.csv, one picture each, a one-line summary. Decoding
+    runs in threads ahead of the model; pictures are drawn only once every score is written."""
+    print(f"{run.name} ({run.ckpt_path}): {len(paths)} images / {run.n_val} val images "
+          f"at {run.cfg['size']} px, map {args.map}")
+    calibration = calibrate(run, args)
+    threshold = args.threshold if args.threshold is not None else calibration["threshold"]
+    kept = {"images": [], "recons": [], "maps": [], "epistemic": []}
+    scores = []
+    batches = data.decoded_batches(paths, run.cfg["size"], args.batch_size)
+    for _, images in tqdm(batches, total=-(-len(paths) // args.batch_size), desc="score", leave=False):
+        maps, recons, epistemic, batch_scores = score_batch(run, calibration, images, args)
+        scores.append(batch_scores)
+        if not args.no_pictures or args.save_maps:
+            for key, value in zip(kept, (images, recons, maps, epistemic)):
+                kept[key].append(value)
+    scores = np.concatenate(scores)
+    flagged = scores > threshold
+    with open(out / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "score", "verdict", "threshold"])
+        for p, s, bad in zip(paths, scores, flagged):
+            w.writerow([p, f"{s:.6g}", "defect" if bad else "good", f"{threshold:.6g}"])
+    print(f"{len(paths)} images, {int(flagged.sum())} flagged as defective (threshold {threshold:.4g}) -> "
+          f"{out / 'scores.csv'}")
+    if kept["maps"]:
+        maps = np.concatenate(kept["maps"])
+        if args.save_maps:
+            np.savez_compressed(out / "maps.npz", maps=maps.astype(np.float32), paths=np.array(paths))
+        if not args.no_pictures:
+            stems = [Path(p).stem for p in paths]
+            write_pictures(out, [f"{i:04d}_{s}_viz.png" for i, s in enumerate(stems)], stems,
+                           torch.cat(kept["images"]), torch.cat(kept["recons"]), maps, scores,
+                           threshold, colour_scale(maps, threshold),
+                           np.concatenate(kept["epistemic"]) if kept["epistemic"][0] is not None else None)
+    return {"class": args.category, "model": run.name, "out": str(out), "images": len(paths),
+            "flagged": int(flagged.sum()), "threshold": threshold, "scores": scores,
+            "exit_code": 3 if args.fail_on_defect and flagged.any() else 0}
+
+
+def detect_one(args):
+    """detect.py for one class: test/ with its labels, or --images."""
+    paths = data.expand_images(args.images) if args.images else None  # a typo fails before the work
+    folder = checks.writable_dir(Path(args.results) / args.category / ("inspect" if paths else ""), "--results")
+    run = load_run(args)
+    return inspect_images(run, args, paths, fresh_folder(folder)) if paths else evaluate_test(run, args, folder)
+
+
+def trained_classes(args):
+    """Classes under --runs with a trained model (of --model, when given)."""
+    runs = Path(args.runs)
+    folders = sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+    return [p.name for p in folders
+            if any(trained_checkpoint(run_dir(runs, p.name, m)) for m in ([args.model] if args.model else MODELS))]
+
+
+def training_minutes(ckpt_path):
+    """Sum of the `seconds` column of the run's metrics.csv (every epoch of every stage)."""
+    try:
+        with open(Path(ckpt_path).parent / "metrics.csv", newline="") as f:
+            return sum(float(r["seconds"]) for r in csv.DictReader(f)) / 60
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+SUMMARY_COLUMNS = {"category": "category", "model": "model", "image_auroc": "image AUROC",
+                   "pixel_auroc": "pixel AUROC", "aupro_0.3": "AUPRO", "f1": "F1",
+                   "good_false_alarm_rate": "good flagged", "train_minutes": "training minutes"}
+
+
+def write_summary(results, rows):
+    """results/summary.csv and summary.md: one row per class and a mean row; a mean over fewer
+    classes than there are rows (pixel metrics without masks) says over how many."""
+    numeric = list(SUMMARY_COLUMNS)[2:]
+    with open(results / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(SUMMARY_COLUMNS))
+        w.writeheader()
+        w.writerows({k: "" if r.get(k) is None else r[k] for k in SUMMARY_COLUMNS} for r in rows)
+    mean = {"category": f"mean ({len(rows)} classes)", "model": ""}
+    for k in numeric:
+        values = [r[k] for r in rows if r.get(k) is not None and np.isfinite(r[k])]
+        mean[k] = "" if not values else f"{np.mean(values):.3f}" + (
+            f" (over {len(values)})" if len(values) < len(rows) else "")
+    def cell(r, k):
+        v = r.get(k)
+        return "" if v is None else v if isinstance(v, str) else f"{v:.1f}" if k == "train_minutes" else f"{v:.3f}"
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS.values()) + " |",
+             "|---|---|" + "---:|" * len(numeric)]
+    lines += ["| " + " | ".join(cell(r, k) for k in SUMMARY_COLUMNS) + " |" for r in rows + [mean]]
+    (results / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def detect_all(args):
+    """Every trained class under --runs, each with its default model (or --model)."""
+    classes = trained_classes(args)
+    if not classes:
+        raise DetectError(f"no trained models under '{args.runs}'; train one first: python train.py "
+                          f"--model {args.model or next(iter(MODELS))} --category bottle")
+    results = checks.writable_dir(args.results, "--results")
+    rows, failed = [], []
+    for name in classes:
+        one = copy.copy(args)
+        one.category = name
+        print(f"== {name}")
+        try:
+            m = detect_one(one)
+        except (data.DatasetError, DetectError, losses.LPIPSUnavailable, checks.RunError) as e:
+            print(f"error: {name}: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
+        rows.append({**{k: m.get(k) for k in SUMMARY_COLUMNS}, "category": name,
+                     "train_minutes": training_minutes(m["checkpoint"])})
+    write_summary(results, rows)
+    print(f"{len(rows)} classes -> {results / 'summary.md'}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return {"rows": rows, "failed": failed, "exit_code": 1 if failed else 0}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    return detect_all(args) if args.category == "all" else detect_one(args)
+
+
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(main().get("exit_code", 0))
     except (data.DatasetError, DetectError, losses.LPIPSUnavailable, checks.RunError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # metrics.json is written whole or not at all

@@ -1,0 +1,166 @@
+"""detect.py on new images (--images), on test sets without masks, with a stored calibration,
+and over every trained class (--class all), on a tiny synthetic category."""
+import csv
+import shutil
+
+import pytest
+import torch
+
+import data
+import detect
+import train
+from test_robustness import error_line, run_script
+
+CATEGORY = "synthetic"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A DAE trained 2 epochs at 32 px on 12 good images (1 held out for val)."""
+    base = tmp_path_factory.mktemp("inspect")
+    root, runs = base / "data", base / "runs"
+    data.make_synthetic_category(root, CATEGORY, size=32, n_train=12, n_good_test=3, n_defect_test=3)
+    train.main(["--model", "dae", "--category", CATEGORY, "--data-root", str(root), "--size", "32",
+                "--epochs", "2", "--batch-size", "8", "--runs", str(runs)])
+    return base, root, runs
+
+
+@pytest.fixture
+def setup(trained, tmp_path):
+    """A private copy of the data and the run, so calibrations and deletions stay in one test."""
+    base, root, runs = trained
+    shutil.copytree(root, tmp_path / "data")
+    shutil.copytree(runs, tmp_path / "runs")
+    return tmp_path / "data", tmp_path / "runs", tmp_path / "results"
+
+
+def detect_main(root, runs, results, *extra):
+    return detect.main(["--class", CATEGORY, "--runs", str(runs), "--data-root", str(root),
+                        "--results", str(results), *map(str, extra)])
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def calibration_line(capsys):
+    return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("calibration:"))
+
+
+def test_images_score_exactly_like_the_labelled_run_from_the_stored_calibration(setup, capsys):
+    root, runs, results = setup
+    labelled = detect_main(root, runs, results, "--no-pictures")
+    assert calibration_line(capsys).startswith("calibration: computed on 1 val / 11 train images, stored in")
+    shutil.rmtree(root / CATEGORY / "train")  # the stored calibration needs no training image again
+    test = root / CATEGORY / "test"
+    new = detect_main(root, runs, results, "--images", test / "good", test / "blob_or_scratch")
+    assert calibration_line(capsys).startswith("calibration: reused")
+    rows = read_rows(results / CATEGORY / "scores.csv")
+    inspected = read_rows(f"{new['out']}/scores.csv")
+    assert [r["path"] for r in inspected] == [r["path"] for r in rows]
+    assert [r["score"] for r in inspected] == [r["score"] for r in rows]
+    assert [r["verdict"] == "defect" for r in inspected] == [r["predicted_label"] == "1" for r in rows]
+    assert {r["threshold"] for r in inspected} == {f"{labelled['threshold']:.6g}"}
+    assert new["images"] == 6 and new["exit_code"] == 0
+    assert len(list((results / CATEGORY / "inspect").glob("*/*_viz.png"))) == 6
+
+
+def test_images_from_a_glob_go_to_a_fresh_folder_each_run(setup, capsys):
+    root, runs, results = setup
+    pattern = str(root / CATEGORY / "test" / "*" / "*.png")
+    first = detect_main(root, runs, results, "--images", pattern, "--no-pictures")
+    second = detect_main(root, runs, results, "--images", pattern, "--no-pictures")
+    assert first["out"] != second["out"] and first["images"] == second["images"] == 6
+    out = capsys.readouterr().out
+    assert "calibration: computed" in out and "calibration: reused" in out
+    assert f"6 images, {first['flagged']} flagged as defective" in out
+
+
+def test_changing_the_map_or_a_setting_or_the_checkpoint_never_reuses_the_calibration(setup, capsys):
+    root, runs, results = setup
+    detect_main(root, runs, results, "--no-pictures", "--map", "ssim")
+    assert calibration_line(capsys).startswith("calibration: computed")
+    detect_main(root, runs, results, "--no-pictures", "--map", "l2")  # another map: its own
+    assert calibration_line(capsys).startswith("calibration: computed")
+    detect_main(root, runs, results, "--no-pictures", "--map", "ssim", "--sigma", "2")
+    assert calibration_line(capsys).startswith("calibration: recomputed (sigma 4.0 -> 2.0)")
+    best = runs / CATEGORY / "dae" / "best.pt"
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["model_state"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model_state"].items()}
+    torch.save(ckpt, best)  # as if trained again
+    detect_main(root, runs, results, "--no-pictures", "--map", "ssim", "--sigma", "2")
+    assert calibration_line(capsys).startswith("calibration: recomputed (the checkpoint file changed)")
+
+
+def test_a_test_set_without_masks_gives_image_metrics_and_null_pixel_metrics(setup, capsys):
+    root, runs, results = setup
+    shutil.rmtree(root / CATEGORY / "ground_truth")
+    metrics = detect_main(root, runs, results)
+    assert metrics["pixel_auroc"] is None and metrics["aupro_0.3"] is None
+    assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["f1"] <= 1
+    assert "pixel metrics unavailable (null): no ground_truth/ masks for blob_or_scratch" in capsys.readouterr().out
+    assert len(list((results / CATEGORY).glob("*_viz.png"))) == 6
+
+
+def test_a_thin_calibration_is_warned_about_and_counted(setup, capsys):
+    root, runs, results = setup
+    metrics = detect_main(root, runs, results, "--no-pictures")
+    assert metrics["val_images"] == 1 and metrics["expected_good_flagged (1/(val+1))"] == 0.5
+    assert ("warning: the threshold rests on 1 val image, so about 50% of good images will be flagged "
+            "(1/(n+1)); add good images to train/good, or train with a larger --val-fraction") in capsys.readouterr().out
+
+
+def test_own_category_with_only_good_images_works_end_to_end(tmp_path):
+    good = tmp_path / "data" / "parts" / "train" / "good"
+    shutil.copytree(data.make_synthetic_category(tmp_path / "gen", "g", size=32, n_train=12) / "train" / "good", good)
+    new = tmp_path / "line"
+    shutil.copytree(tmp_path / "gen" / "g" / "test" / "blob_or_scratch", new)
+    runs = tmp_path / "runs"
+    code, _, stderr = run_script("train.py", "--model", "dae", "--category", "parts", "--data-root",
+                                 tmp_path / "data", "--size", "32", "--epochs", "1", "--runs", runs)
+    assert code == 0, stderr
+    args = ["--class", "parts", "--runs", runs, "--results", tmp_path / "results", "--images", new]
+    code, stdout, stderr = run_script("detect.py", *args)
+    assert code == 0, stderr
+    assert "4 images," in stdout
+    code, stdout, stderr = run_script("detect.py", *args, "--threshold=-1e9", "--fail-on-defect")
+    assert code == 3 and "4 images, 4 flagged" in stdout
+
+
+def test_images_matching_nothing_or_unreadable_is_one_error_line(setup, tmp_path):
+    root, runs, results = setup
+    base = ["--class", CATEGORY, "--runs", runs, "--data-root", root, "--results", results]
+    line = error_line(run_script("detect.py", *base, "--images", tmp_path / "nothing*.png"))
+    assert line == f"error: --images '{tmp_path / 'nothing*.png'}' matches no image files " \
+                   f"({', '.join(data.IMAGE_EXTENSIONS)})"
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    line = error_line(run_script("detect.py", *base, "--images", bad))
+    assert line.startswith(f"error: cannot read image '{bad}'")
+
+
+def test_class_all_writes_a_summary_with_a_mean_row(setup, tmp_path):
+    root, runs, results = setup
+    shutil.copytree(root / CATEGORY, root / "nomask")  # the same files: the run's split record fits
+    shutil.rmtree(root / "nomask" / "ground_truth")
+    shutil.copytree(runs / CATEGORY, runs / "nomask")
+    out = detect.main(["--class", "all", "--runs", str(runs), "--data-root", str(root),
+                       "--results", str(results), "--no-pictures"])
+    assert out["exit_code"] == 0 and [r["category"] for r in out["rows"]] == ["nomask", CATEGORY]
+    rows = read_rows(results / "summary.csv")
+    assert rows[0]["pixel_auroc"] == "" and rows[1]["pixel_auroc"] != ""
+    assert float(rows[0]["train_minutes"]) > 0
+    table = (results / "summary.md").read_text().splitlines()
+    assert table[0] == ("| category | model | image AUROC | pixel AUROC | AUPRO | F1 | good flagged | "
+                        "training minutes |")
+    assert table[-1].startswith("| mean (2 classes) |") and "(over 1)" in table[-1]
+
+
+def test_bench_inspect_reports_images_per_second_for_each_model(tmp_path, capsys):
+    import bench
+    bench.main(["--inspect", "--models", "dae", "vqvae", "--sizes", "32", "--steps", "1", "--warmup", "1",
+                "--no-peak", "--device", "cpu", "--data-root", str(tmp_path / "none"),
+                "--runs", str(tmp_path / "runs"), "--inspect-images", "8"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| dae") or line.startswith("| vqvae")]
+    assert len(rows) == 2 and all("| cpu | untrained | 16 |" in r for r in rows)
