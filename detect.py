@@ -682,17 +682,17 @@ def write_summary(results, rows):
         w = csv.DictWriter(f, fieldnames=list(SUMMARY_COLUMNS))
         w.writeheader()
         w.writerows({k: "" if r.get(k) is None else r[k] for k in SUMMARY_COLUMNS} for r in rows)
+    def cell(k, v):
+        formats = {"good_false_alarm_rate": "{:.0%}", "train_minutes": "{:.1f}"}
+        return v if isinstance(v, str) else "" if v is None else formats.get(k, "{:.3f}").format(v)
     mean = {"category": f"mean ({len(rows)} classes)", "model": ""}
     for k in numeric:
         values = [r[k] for r in rows if r.get(k) is not None and np.isfinite(r[k])]
-        mean[k] = "" if not values else f"{np.mean(values):.3f}" + (
+        mean[k] = "" if not values else cell(k, float(np.mean(values))) + (
             f" (over {len(values)})" if len(values) < len(rows) else "")
-    def cell(r, k):
-        v = r.get(k)
-        return "" if v is None else v if isinstance(v, str) else f"{v:.1f}" if k == "train_minutes" else f"{v:.3f}"
     lines = ["| " + " | ".join(SUMMARY_COLUMNS.values()) + " |",
              "|---|---|" + "---:|" * len(numeric)]
-    lines += ["| " + " | ".join(cell(r, k) for k in SUMMARY_COLUMNS) + " |" for r in rows + [mean]]
+    lines += ["| " + " | ".join(cell(k, r.get(k)) for k in SUMMARY_COLUMNS) + " |" for r in rows + [mean]]
     (results / "summary.md").write_text("\n".join(lines) + "\n")
 
 
