@@ -417,12 +417,13 @@ def bench_inspect(name, size, device, split, opts, category):
     ahead of the model, data.decoded_batches), and of decoding alone."""
     model, weights = inspect_model(name, size, device, opts, category)
     names, bs = model.default_map.split("+"), opts.batch_size
-    run = SimpleNamespace(names=names, ckpt_path="(bench)", maps_of=lambda images: detect.compute_maps(
-        model, images, names, device, bs, 8, None))
+    extra = detect.picture_maps(detect.model_map_names(model, device))  # detect.py draws pictures by default
+    run = SimpleNamespace(names=names, ckpt_path="(bench)", maps_of=lambda images, pictures=False: detect.compute_maps(
+        model, images, names, device, bs, 8, None, extra=extra if pictures else ()))
     raw = run.maps_of(split.images[:bs])[0]
     baseline = {n: m.mean(0) for n, m in raw.items()}
     calibration = {"baseline": baseline, "val_maps": detect.subtract_baseline(raw, baseline)}
-    args = SimpleNamespace(sigma=4.0, score="max", topk=100)
+    args = SimpleNamespace(sigma=4.0, score="max", topk=100, no_pictures=False)
 
     def score(images):
         scores = detect.score_batch(run, calibration, images, args)[3]

@@ -137,16 +137,18 @@ def oracle_f1(scores, labels):
 # ----------------------------------------------------------------------------- maps
 
 @torch.inference_mode()
-def compute_maps(model, images, names, device, batch_size, mc_passes, perceptual, seed=0):
+def compute_maps(model, images, names, device, batch_size, mc_passes, perceptual, seed=0, extra=()):
     """Raw maps (N, H, W) of uint8 images (N, 3, H, W) for each requested name, reconstructions
-    (N, 3, H, W) as uint8, and the model's epistemic map when it has one (for the uncertainty
-    panel). MC dropout is reseeded for every batch, so a batch's maps depend on its images
+    (N, 3, H, W) as uint8, and the model's epistemic map when it is among the names or `extra`
+    (the further maps the pictures need: picture_maps), else None. The model computes only
+    those maps. MC dropout is reseeded for every batch, so a batch's maps depend on its images
     alone: scoring the same files later (--images) gives the same numbers."""
     out, recons, epistemic = {n: [] for n in names}, [], []
+    asked = list(dict.fromkeys([n for n in names if n != "lpips"] + list(extra)))
     for start in range(0, len(images), batch_size):
         torch.manual_seed(seed)
         x = data.to_float(images[start:start + batch_size], device)
-        recon, own = model.anomaly_maps(x, mc_passes)
+        recon, own = model.anomaly_maps(x, mc_passes, names=asked)
         for n in names:
             amap = perceptual.map(x, recon) if n == "lpips" else own[n]
             out[n].append(amap[:, 0].float().cpu().numpy())
@@ -162,6 +164,11 @@ def model_map_names(model, device):
     """Names of every map the model gives, read from one tiny call (no model-name branching)."""
     size = model.config["image_size"]
     return set(model.anomaly_maps(torch.zeros(1, 3, size, size, device=device), 1)[1])
+
+
+def picture_maps(offered):
+    """The maps the pictures draw besides the one judged: the epistemic panel (MC-dropout models)."""
+    return [n for n in ("epistemic",) if n in offered]
 
 
 def smooth(maps, sigma):
@@ -532,8 +539,9 @@ def load_run(args):
                           f"(choose from {', '.join(sorted(allowed))})")
     perceptual = losses.load_lpips(args.lpips_backbone, spatial=True).to(device) if "lpips" in names else None
 
-    def maps_of(images):
-        return compute_maps(model, images, names, device, args.batch_size, args.mc_passes, perceptual, args.seed)
+    def maps_of(images, pictures=False):
+        return compute_maps(model, images, names, device, args.batch_size, args.mc_passes, perceptual, args.seed,
+                            extra=picture_maps(allowed) if pictures else ())
     split = checks.split_of(ckpt, ckpt_path, root, args.category)
     return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, cfg=cfg, root=root, names=names,
                            maps_of=maps_of, n_val=len(split["val"]), name=ckpt["model_name"])
@@ -545,7 +553,7 @@ def evaluate_test(run, args, out):
     print(f"{run.name} ({run.ckpt_path}): {len(test)} test / {run.n_val} val images "
           f"at {run.cfg['size']} px, map {args.map}")
     calibration = calibrate(run, args)
-    raw, recons, epistemic = run.maps_of(test.images)
+    raw, recons, epistemic = run.maps_of(test.images, pictures=not args.no_pictures)
     maps = anomaly_map(raw, calibration, run.names, args.sigma)
     checks.require_finite(run.ckpt_path, test_maps=maps)
     scores = image_scores(maps, args.score, args.topk)
@@ -598,7 +606,7 @@ def fresh_folder(parent):
 
 def score_batch(run, calibration, images, args):
     """(maps, reconstructions, epistemic maps, scores) of one batch of uint8 images."""
-    raw, recons, epistemic = run.maps_of(images)
+    raw, recons, epistemic = run.maps_of(images, pictures=not args.no_pictures)
     maps = anomaly_map(raw, calibration, run.names, args.sigma)
     checks.require_finite(run.ckpt_path, image_maps=maps)
     return maps, recons, epistemic, image_scores(maps, args.score, args.topk)

@@ -12,8 +12,10 @@ Every model maps images x in [0, 1], shape (B, 3, H, W), and offers:
                                           prior stage the prior's fit (train.py's val_loss)
     reconstruct(x)  -> recon              deterministic reconstruction (eval mode)
     sample(n)       -> images             draws from the model's prior
-    anomaly_maps(x, mc_passes) -> (recon, {name: (B, 1, H, W)})   every per-pixel map the model
-                                          gives: l2, ssim, msgms, feature (error_maps) + its own
+    anomaly_maps(x, mc_passes, names=None) -> (recon, {name: (B, 1, H, W)})   every per-pixel map
+                                          the model gives: l2, ssim, msgms, chroma, feature
+                                          (error_maps) + its own; with names, only those (the
+                                          same tensors, without the cost of the others)
     stages, stage_parameters(stage)       training stages (the VAEs with a prior fit it second)
     recipe                                train.py's defaults for the model (steps, lr, ...)
 
@@ -168,6 +170,21 @@ def chroma_map(x, y, sigma=1.0, grey_tolerance=2 / 255):
     return difference * has_colour.to(x.dtype)[:, None, None, None]
 
 
+def wants(names, *maps):
+    """Whether any of `maps` is asked for; names=None asks for every map."""
+    return names is None or any(m in names for m in maps)
+
+
+def only(maps, names):
+    """The maps asked for, in the order asked (all of them for names=None)."""
+    if names is None:
+        return maps
+    missing = [n for n in names if n not in maps]
+    if missing:
+        raise ValueError(f"no map named {', '.join(missing)} (this model gives {', '.join(maps) or 'others'})")
+    return {n: maps[n] for n in names}
+
+
 # ----------------------------------------------------------------------------- shared blocks
 
 def down_block(c_in, c_out):
@@ -281,7 +298,25 @@ class AutoEncoder(nn.Module):
         """The model's own encoder activations, (B, C, h, w): what the `feature` map compares."""
         raise NotImplementedError
 
-    def error_maps(self, x, recon):
+    def feature_layer(self):
+        """The module whose output is features(x), when the reconstruction computes it on the way
+        (anomaly_maps then keeps it instead of encoding x again); None: it does not."""
+        return None
+
+    def keeping_features(self, fn, x):
+        """(fn(x), features(x)), the features kept from fn's own pass through feature_layer."""
+        layer = self.feature_layer()
+        if layer is None:
+            return fn(x), self.features(x)
+        kept = []
+        handle = layer.register_forward_hook(lambda module, inputs, output: kept.append(output))
+        try:
+            result = fn(x)
+        finally:
+            handle.remove()
+        return result, kept[-1]
+
+    def error_maps(self, x, recon, names=None, x_features=None):
         """Maps every model offers, each (B, 1, H, W), higher = more different:
             l2       = mean_c (x - recon)^2
             ssim     = 1 - SSIM(x, recon), 11 x 11 Gaussian window
@@ -290,18 +325,34 @@ class AutoEncoder(nn.Module):
             feature  = 1 - cos(f(x), f(recon)) at each feature position, bilinearly upsampled:
                        a difference measured by an encoder trained on this category alone, so a
                        change it has learned to ignore (sensor noise, fine texture) weighs less
-                       than one it has never seen."""
-        distance = 1 - F.cosine_similarity(self.features(x), self.features(recon), dim=1)[:, None]
-        return {"l2": (x - recon).pow(2).mean(1, keepdim=True),
-                "ssim": 1 - ssim_map(x, recon),
-                "msgms": msgms_map(x, recon),
-                "chroma": chroma_map(x, recon),
-                "feature": F.interpolate(distance, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+                       than one it has never seen.
+        names: compute only these (others in names are ignored: a model's own maps);
+        None = all. x_features: features(x) when the caller has them already."""
+        maps = {}
+        if wants(names, "l2"):
+            maps["l2"] = (x - recon).pow(2).mean(1, keepdim=True)
+        if wants(names, "ssim"):
+            maps["ssim"] = 1 - ssim_map(x, recon)
+        if wants(names, "msgms"):
+            maps["msgms"] = msgms_map(x, recon)
+        if wants(names, "chroma"):
+            maps["chroma"] = chroma_map(x, recon)
+        if wants(names, "feature"):
+            fx = self.features(x) if x_features is None else x_features
+            distance = 1 - F.cosine_similarity(fx, self.features(recon), dim=1)[:, None]
+            maps["feature"] = F.interpolate(distance, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return maps
 
-    def anomaly_maps(self, x, mc_passes=8):
+    def reconstruct_for_maps(self, x, names):
+        """reconstruct(x), and features(x) from the same encoder pass when `feature` is asked for."""
+        if wants(names, "feature"):
+            return self.keeping_features(self.reconstruct, x)
+        return self.reconstruct(x), None
+
+    def anomaly_maps(self, x, mc_passes=8, names=None):
         # mc_passes: Monte-Carlo passes, used by models with dropout uncertainty
-        recon = self.reconstruct(x)
-        return recon, self.error_maps(x, recon)
+        recon, x_features = self.reconstruct_for_maps(x, names)
+        return recon, only(self.error_maps(x, recon, names, x_features), names)
 
 
 class LatentVectorAE(AutoEncoder):
@@ -350,6 +401,9 @@ class LatentVectorAE(AutoEncoder):
         for block in list(self.encoder)[:3]:
             x = block(x)
         return x
+
+    def feature_layer(self):
+        return list(self.encoder)[:3][-1]  # every reconstruction runs the encoder from its start
 
     def code_device(self):
         return self.decoder[-1].weight.device
@@ -545,11 +599,19 @@ class SAVAE(LatentVectorAE):
         aleatoric = torch.stack(variances).exp().mean(0).mean(1, keepdim=True)
         return means.mean(0), epistemic, aleatoric
 
-    def anomaly_maps(self, x, mc_passes=8):
-        mean, epistemic, aleatoric = self.uncertainty(x, mc_passes)
-        recon = self.reconstruct(x)
-        maps = self.error_maps(x, recon)
-        return recon, {**maps, "variance_weighted": maps["l2"] / aleatoric, "epistemic": epistemic}
+    def anomaly_maps(self, x, mc_passes=8, names=None):
+        # the MC-dropout passes only for the two maps made of them (first, as ever: they draw
+        # the dropout masks from the random state the caller seeded)
+        if wants(names, "variance_weighted", "epistemic"):
+            mean, epistemic, aleatoric = self.uncertainty(x, mc_passes)
+        recon, x_features = self.reconstruct_for_maps(x, names)
+        needed = None if names is None else [*names, *(["l2"] if "variance_weighted" in names else [])]
+        maps = self.error_maps(x, recon, needed, x_features)
+        if wants(names, "variance_weighted"):
+            maps["variance_weighted"] = maps["l2"] / aleatoric
+        if wants(names, "epistemic"):
+            maps["epistemic"] = epistemic
+        return recon, only(maps, names)
 
 
 class ARSAVAE(SAVAE):
@@ -803,21 +865,31 @@ class VQVAE(AutoEncoder):
     def features(self, x):
         return self.encoder(x)  # before quantisation, stride 4
 
+    def feature_layer(self):
+        return self.encoder
+
     def decode_codes(self, codes):
         return self.decoder(self.quantizer.codebook[codes].permute(0, 3, 1, 2))
 
     def sample(self, n, generator=None):
         return self.decode_codes(self.prior.sample(n, generator))
 
-    def anomaly_maps(self, x, mc_passes=8):
+    def anomaly_maps(self, x, mc_passes=8, names=None):
         """Decode the input's codes after the prior has replaced the unlikely ones (a defect's
         codes are rare on normal images), so the comparison shows what a normal part would look
         like there. Extra map: code_nll, -log p of each original code, upsampled to pixels."""
-        codes = self.encode(x)[1]
-        restored, nll = self.prior.restore(codes, self.restore_below)
+        def codes_of(x):
+            return self.encode(x)[1]
+        if wants(names, "feature"):
+            codes, x_features = self.keeping_features(codes_of, x)
+        else:
+            codes, x_features = codes_of(x), None
+        restored, nll = self.prior.restore(codes, self.restore_below)  # recon needs it anyway
         recon = self.decode_codes(restored)
-        code_nll = F.interpolate(nll[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return recon, {**self.error_maps(x, recon), "code_nll": code_nll}
+        maps = self.error_maps(x, recon, names, x_features)
+        if wants(names, "code_nll"):
+            maps["code_nll"] = F.interpolate(nll[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return recon, only(maps, names)
 
 
 # ----------------------------------------------------------------------------- registry

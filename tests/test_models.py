@@ -112,6 +112,39 @@ def test_default_map_names_maps_the_model_gives(name):
         assert maps["code_nll"].shape == (2, 1, SIZE, SIZE) and (maps["code_nll"] >= 0).all()
 
 
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_anomaly_maps_of_some_names_are_exactly_those_of_the_full_call(name, batch):
+    """names= computes only the maps asked for (detect.py's speed), never different numbers: the
+    feature map from the activations reconstruct kept, SAVAE's MC passes only when asked for."""
+    model = build(name).eval()
+    with torch.no_grad():
+        torch.manual_seed(3)
+        recon, full = model.anomaly_maps(batch, 2)
+        subsets = [[n] for n in full] + [model.default_map.split("+"), ["feature", "l2"], list(full)[::-1]]
+        for names in subsets:
+            torch.manual_seed(3)
+            again, maps = model.anomaly_maps(batch, 2, names=names)
+            assert list(maps) == names and torch.equal(again, recon)
+            for n in names:
+                assert torch.equal(maps[n], full[n]), (names, n)
+        with pytest.raises(ValueError, match="no map named nope"):
+            model.anomaly_maps(batch, 2, names=["ssim", "nope"])
+
+
+@pytest.mark.parametrize("name", ["savae", "ar_savae"])
+def test_anomaly_maps_skip_the_mc_dropout_passes_unless_asked_for(name, batch, monkeypatch):
+    model = build(name).eval()
+    calls = []
+    real = model.uncertainty
+    monkeypatch.setattr(model, "uncertainty", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        model.anomaly_maps(batch, 2, names=["ssim", "feature", "chroma"])
+        assert calls == []
+        model.anomaly_maps(batch, 2, names=["ssim", "epistemic"])
+    assert calls == [1]
+
+
 def test_dae_trains_under_bf16_autocast(batch):
     """--bf16: the encoder's codes come out in bfloat16, its running moments stay float32."""
     model = build("dae").train()
