@@ -612,7 +612,17 @@ def test_class_with_a_trailing_slash_is_the_class(run, tmp_path):
 def test_ctrl_c_in_detect_is_one_line_exit_130_and_no_metrics(run, tmp_path):
     results = tmp_path / "results"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "detect.py", *map(str, detect_args(run, results))], cwd=ROOT,
+    # detect.py as a user runs it, with the maps of a batch slowed down, so the interrupt lands
+    # while it works however fast the machine (a stored calibration makes the real run instant)
+    slowed = ("import sys, time, runpy, models\n"
+              "maps = models.AutoEncoder.anomaly_maps\n"
+              "def slow(self, x, *a, **k):\n"
+              "    time.sleep(30 if len(x) > 1 else 0)\n"
+              "    return maps(self, x, *a, **k)\n"
+              "models.AutoEncoder.anomaly_maps = slow\n"
+              "sys.argv = ['detect.py'] + sys.argv[1:]\n"
+              "runpy.run_path('detect.py', run_name='__main__')\n")
+    proc = subprocess.Popen([sys.executable, "-c", slowed, *map(str, detect_args(run, results))], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stdout.readline()  # printed once the model and the images are loaded, before the maps
     assert "test /" in first, proc.communicate()[1]
