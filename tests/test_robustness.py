@@ -622,8 +622,11 @@ def test_ctrl_c_in_detect_is_one_line_exit_130_and_no_metrics(run, tmp_path):
               "models.AutoEncoder.anomaly_maps = slow\n"
               "sys.argv = ['detect.py'] + sys.argv[1:]\n"
               "runpy.run_path('detect.py', run_name='__main__')\n")
+    # SIGINT as at a terminal: a suite started in the background (`cmd &`) ignores it, and children
+    # would inherit that
     proc = subprocess.Popen([sys.executable, "-c", slowed, *map(str, detect_args(run, results))], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.readline()  # printed once the model and the images are loaded, before the maps
     assert "test /" in first, proc.communicate()[1]
     proc.send_signal(signal.SIGINT)
