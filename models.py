@@ -745,8 +745,9 @@ class CausalCodePrior(nn.Module):
     A PixelCNN whose only spatial layer is one causal ("type A" masked) window x window
     convolution, followed by per-position 1x1 layers and a learned embedding of the position
     (i, j). Each conditional sees the codes above and to the left inside the window, plus where
-    it is in the image. Sampling needs only that window per step, so drawing a 32 x 32 map costs
-    1024 tiny steps instead of 1024 full-network passes.
+    it is in the image. Sampling needs only that window per position, and positions whose
+    windows do not reach each other are drawn together (raster_fill): a 32 x 32 map costs 187
+    small batched steps instead of 1024 full-network passes.
     """
 
     def __init__(self, codes, map_size, embed_dim=32, hidden=256, window=9):
@@ -773,25 +774,37 @@ class CausalCodePrior(nn.Module):
 
     @torch.no_grad()
     def raster_fill(self, n, choose):
-        """Visit the code map in raster order; choose(probs (n, codes), i, j) -> codes (n,) fixes
-        each position given the codes already fixed above and to the left of it."""
-        s, r = self.map_size, self.window // 2
+        """Fix the code map in raster order: choose(probs (n, P, codes), rows (P,), cols (P,)) ->
+        codes (n, P) fixes P positions, each given the codes already fixed above and to the left.
+
+        Position (i, j) sees rows i-r..i-1 up to column j+r and row i left of j (r = window // 2),
+        so every position with the same t = (r + 1) i + j depends only on smaller t: the map is
+        filled one such wavefront at a time, 187 batched steps for a 32 x 32 map instead of 1024,
+        with the same result as one position at a time.
+        """
+        s, r, w = self.map_size, self.window // 2, self.window
+        slope = r + 1
         device = self.position.device
         # the embedded map padded by r on every side; positions not yet fixed are zeros
         canvas = torch.zeros(n, self.embed.embedding_dim, s + 2 * r, s + 2 * r, device=device)
         codes = torch.zeros(n, s, s, dtype=torch.long, device=device)
-        weight = self.conv.weight * self.mask
-        for i in range(s):
-            for j in range(s):
-                h = F.conv2d(canvas[:, :, i:i + 2 * r + 1, j:j + 2 * r + 1], weight, self.conv.bias)
-                probs = F.softmax(self.head(h + self.position[:, :, i:i + 1, j:j + 1])[:, :, 0, 0], 1)
-                codes[:, i, j] = choose(probs, i, j)
-                canvas[:, :, i + r, j + r] = self.embed(codes[:, i, j])
+        weight = (self.conv.weight * self.mask)[:, :, :r + 1]  # the rows below the centre are masked
+        for t in range(slope * (s - 1) + s):
+            rows = torch.arange(max(0, (t - s) // slope + 1), min(s - 1, t // slope) + 1)
+            cols = t - slope * rows
+            windows = torch.stack([canvas[:, :, i:i + r + 1, j:j + w] for i, j in zip(rows.tolist(), cols.tolist())], 1)
+            h = F.conv2d(windows.flatten(0, 1), weight, self.conv.bias).view(n, len(rows), -1)
+            h = h + self.position[0, :, rows, cols].t()  # (n, P, hidden)
+            logits = self.head(h.reshape(-1, h.shape[-1], 1, 1))[:, :, 0, 0].view(n, len(rows), -1)
+            chosen = choose(F.softmax(logits, -1), rows, cols)
+            codes[:, rows, cols] = chosen
+            canvas[:, :, rows + r, cols + r] = self.embed(chosen).permute(0, 2, 1)
         return codes
 
     def sample(self, n, generator=None):
-        def draw(probs, i, j):
-            return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)
+        def draw(probs, rows, cols):
+            flat = probs.flatten(0, 1).cpu()  # one draw per (image, position)
+            return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:2]).to(probs.device)
         return self.raster_fill(n, draw)
 
     def restore(self, codes, min_prob):
@@ -799,10 +812,11 @@ class CausalCodePrior(nn.Module):
         the most likely code. Returns the restored map and -log p of each original code (B, S, S)."""
         nll = torch.zeros(codes.shape, device=codes.device)
 
-        def keep_or_replace(probs, i, j):
-            p = probs.gather(1, codes[:, i, j, None])[:, 0]
-            nll[:, i, j] = -torch.log(p.clamp_min(1e-12))
-            return torch.where(p < min_prob, probs.argmax(1), codes[:, i, j])
+        def keep_or_replace(probs, rows, cols):
+            original = codes[:, rows, cols]
+            p = probs.gather(2, original[..., None])[..., 0]
+            nll[:, rows, cols] = -torch.log(p.clamp_min(1e-12))
+            return torch.where(p < min_prob, probs.argmax(2), original)
         return self.raster_fill(len(codes), keep_or_replace), nll
 
 

@@ -85,6 +85,28 @@ def test_vqvae_prior_restoration_keeps_likely_codes_and_replaces_unlikely_ones()
     torch.testing.assert_close(nll, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_code_repair_in_wavefronts_equals_one_position_at_a_time():
+    """restore fills many positions per step; the result must be that of the plain raster loop,
+    where each position is decided from the full causal pass over the codes restored so far."""
+    torch.manual_seed(0)
+    prior = models.CausalCodePrior(codes=16, map_size=7, window=5).eval()
+    with torch.no_grad():
+        prior.head[-1].weight.mul_(20)  # spread the logits: no near-ties for argmax to flip on
+        codes = torch.randint(0, 16, (3, 7, 7))
+        min_prob = float(torch.softmax(prior.logits(codes), 1).gather(1, codes[:, None]).median())
+        restored, nll = prior.restore(codes, min_prob)
+        expected, expected_nll = codes.clone(), torch.zeros(codes.shape)
+        for i in range(7):
+            for j in range(7):
+                probs = torch.softmax(prior.logits(expected), 1)[:, :, i, j]
+                p = probs.gather(1, codes[:, i, j, None])[:, 0]
+                expected_nll[:, i, j] = -torch.log(p)
+                expected[:, i, j] = torch.where(p < min_prob, probs.argmax(1), codes[:, i, j])
+    assert 0 < (restored != codes).sum() < codes.numel()  # some codes replaced, some kept
+    assert torch.equal(restored, expected)
+    torch.testing.assert_close(nll, expected_nll, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", list(models.MODELS))
 def test_feature_map_is_zero_for_a_perfect_reconstruction_and_peaks_where_it_differs(name, batch):
     """The model's own encoder compares input and reconstruction; a local change to the
