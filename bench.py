@@ -451,7 +451,7 @@ def bench_inspect(name, size, device, split, opts, category):
 
 def inspect_table(opts, splits, category, emit):
     emit("| model | px | device | weights | batch | tensors img/s (maps + score + verdict) | "
-         "PNG end to end img/s | decode alone img/s | vs dae (tensors) |")
+         "PNG end to end img/s | decode alone img/s | time per image vs dae (tensors) |")
     emit("|---|---:|---|---|---:|---:|---:|---:|---:|")
     for device in devices(opts.device):
         for size in opts.sizes:
@@ -459,7 +459,7 @@ def inspect_table(opts, splits, category, emit):
             dae = next((r["tensors"] for r in rows if r["model"] == "dae"), rows[0]["tensors"])
             for r in rows:
                 emit(f"| {r['model']} | {r['px']} | {r['device']} | {r['weights']} | {r['batch']} | "
-                     f"{r['tensors']:.1f} | {r['png']:.1f} | {r['decode']:.1f} | {dae / r['tensors']:.1f}x slower |")
+                     f"{r['tensors']:.1f} | {r['png']:.1f} | {r['decode']:.1f} | {dae / r['tensors']:.2f}x |")
     emit(f"\nend to end: {rows[0]['files']} PNG files decoded by data.decoded_batches "
          f"({min(8, os.cpu_count() or 1)} threads, two batches ahead) while detect.score_batch scores")
 
