@@ -419,7 +419,9 @@ class DAE(LatentVectorAE):
     vector, which samples better).
     """
 
-    recipe = dict(AutoEncoder.recipe, steps=3600)
+    # three quarters of each batch get anomalies to restore (not half): more restoring, less
+    # copying of thin defects; metal_nut 0.978 -> 0.980 image AUROC, bottle AUPRO 0.923 -> 0.927
+    recipe = dict(AutoEncoder.recipe, steps=3600, anomaly_fraction=0.75)
     # chroma: metal_nut image AUROC 0.906 -> 0.978 (paint strokes on textured metal); bottle
     # 1.000 -> 0.998 (RESULTS.md). feature: bottle pixel AUROC 0.978 -> 0.984 over ssim alone
     default_map = "ssim+feature+chroma"
