@@ -7,7 +7,8 @@
 
 Ours      = what train.py does: the split decoded once into a uint8 tensor in memory,
             `data.to_float` per batch, the model as train.py builds it, then train.train_step
-            itself (model.loss + backward + gradient clipping + AdamW step, train.py's optimizer),
+            itself (model.loss + backward + gradient clipping + AdamW step, train.py's optimizer,
+            bf16 autocast where the device has bf16 units, as train.py does by default),
             with the recipe's extra terms off so both loops optimise the same objective. "Recipe"
             = the same with train.py's default recipe on (synthetic anomalies + SSIM term; LPIPS is
             left out, it needs downloaded weights). Inference: model.reconstruct under inference_mode.
@@ -368,21 +369,22 @@ def profile(name, size, device, split, root, category, opts, out):
         loops[label] = Threads(threads, gen) if threads else gen
 
     default_threads = torch.get_num_threads()
-    variant(f"baseline (NCHW model, {default_threads} threads)", copy.deepcopy(base))
-    variant("channels_last model", copy.deepcopy(base).to(memory_format=torch.channels_last))
+    variant(f"baseline (NCHW model, float32, {default_threads} threads)", copy.deepcopy(base), bf16=False)
+    variant("channels_last model", copy.deepcopy(base).to(memory_format=torch.channels_last), bf16=False)
     variant("channels_last model + images",
             copy.deepcopy(base).to(memory_format=torch.channels_last),
-            split.images.contiguous(memory_format=torch.channels_last))
+            split.images.contiguous(memory_format=torch.channels_last), bf16=False)
     variant("channels_last model, bf16 autocast (--bf16)",
             copy.deepcopy(base).to(memory_format=torch.channels_last), bf16=True)
     if device.type == "cpu":
         for n in sorted({1, default_threads, os.cpu_count() or 1} - {default_threads}):
-            variant(f"torch.set_num_threads({n})", copy.deepcopy(base), threads=n)
+            variant(f"torch.set_num_threads({n})", copy.deepcopy(base), threads=n, bf16=False)
     if not opts.no_compile:
         t0 = time.perf_counter()
         try:
             compiled = torch.compile(copy.deepcopy(base))
-            gen = ours_train(compiled, split.images, args, device, total)
+            gen = ours_train(compiled, split.images, argparse.Namespace(**{**vars(args), "bf16": False}),
+                             device, total)
             next(gen)  # the compilation itself, timed apart
             loops["torch.compile (inductor)"] = gen
             notes["torch.compile (inductor)"] = f"first step (compile) {time.perf_counter() - t0:.0f} s"

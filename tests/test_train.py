@@ -141,6 +141,23 @@ def test_bf16_autocast_trains_to_finite_losses(rgb_root, tmp_path, name):
     assert float(last["train_loss"]) < float(first["train_loss"])
 
 
+def test_bf16_is_on_by_default_only_where_the_device_has_bf16_units(monkeypatch):
+    base = ["--model", "dae", "--category", "bottle", "--device", "cpu"]
+    for has_units in (True, False):
+        monkeypatch.setattr(train, "native_bf16", lambda device, answer=has_units: answer)
+        assert train.parse_args(base).bf16 is has_units
+        assert train.parse_args(base + ["--bf16"]).bf16 is True
+        assert train.parse_args(base + ["--no-bf16"]).bf16 is False
+
+
+def test_a_cpu_without_bf16_probes_reads_as_without_bf16_units(monkeypatch):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, probe, raising=False)
+    assert train.native_bf16(torch.device("cpu")) is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert train.native_bf16(torch.device("cpu")) is True
+
+
 def test_one_vocabulary_class_and_category_runs_and_out():
     args = train.parse_args(["--model", "dae", "--class", "bottle"])
     assert args.category == "bottle" and args.out == os.path.join("outputs", "bottle", "dae")
