@@ -498,7 +498,8 @@ def main(argv=None):
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(train)} train / {len(val)} val "
-              f"images at {args.size} px, device {device}, {world} process(es)")
+              f"images at {args.size} px, device {device}{' with bf16 autocast' if args.bf16 else ''}, "
+              f"{world} process(es)")
 
     sampler = DistributedSampler(range(len(train)), world, rank, shuffle=True, seed=args.seed)
     per_rank = max(1, args.batch_size // world)
