@@ -705,10 +705,11 @@ class VectorQuantizer(nn.Module):
     def forward(self, z, update=False):
         z = z.float()  # distances and EMA statistics in float32, also under bf16 autocast
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
-        idx = self.nearest(flat)
+        with torch.autocast(z.device.type, enabled=False):  # which autocast would run in bf16
+            idx = self.nearest(flat)
+            if update and self.ema:
+                self.ema_update(flat.detach(), idx)
         q = self.codebook[idx].view(z.shape[0], z.shape[2], z.shape[3], self.dim).permute(0, 3, 1, 2)
-        if update and self.ema:
-            self.ema_update(flat.detach(), idx)
         commitment = self.beta * F.mse_loss(z, q.detach())
         codebook = z.new_zeros(()) if self.ema else F.mse_loss(q, z.detach())
         q = z + (q - z).detach()  # straight-through: forward uses q, backward copies grads to z

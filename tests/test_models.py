@@ -1,6 +1,7 @@
 """models.py: the shared interface holds for every model, the objective and its image terms, SSIM,
 losses fall, priors sample, VQ details."""
 import ast
+import copy
 
 import pytest
 import torch
@@ -173,6 +174,24 @@ def test_dae_trains_under_bf16_autocast(batch):
     with torch.autocast("cpu", torch.bfloat16):
         total = model.loss(batch)[0]
     assert torch.isfinite(total) and model.code_mean.dtype == model.code_var.dtype == torch.float32
+
+
+def test_vector_quantizer_works_in_float32_under_bf16_autocast():
+    """Nearest codes and EMA statistics are matrix products, which autocast would run in bf16:
+    close codes would then be confused and the codebook drift. Same results with and without."""
+    torch.manual_seed(0)
+    plain = models.VectorQuantizer(codes=64, dim=16)
+    autocast = copy.deepcopy(plain)
+    z = plain.codebook.detach()[torch.randint(0, 64, (2 * 5 * 5,))].view(2, 5, 5, 16).permute(0, 3, 1, 2)
+    z = z + 1e-3 * torch.randn_like(z)  # each vector next to a code, closer than bf16 resolves
+    torch.manual_seed(1)  # the same dead-code restarts in both
+    idx = plain(z, update=True)[1]
+    torch.manual_seed(1)
+    with torch.autocast("cpu", torch.bfloat16):
+        idx_autocast = autocast(z, update=True)[1]
+    assert torch.equal(idx, idx_autocast)
+    torch.testing.assert_close(autocast.ema_sum, plain.ema_sum)
+    torch.testing.assert_close(autocast.codebook, plain.codebook)
 
 
 @pytest.mark.parametrize("name", ["savae", "ar_savae"])
