@@ -117,8 +117,10 @@ def parse_args(argv=None):
                    help="torch.compile the training step (the first steps compile)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bfloat16 autocast for the forward pass; the weights, the optimizer and the image "
-                        "terms stay float32 (default: on where the device computes bf16 natively: GPUs "
-                        "with bf16, CPUs with AVX-512 BF16 or AMX; bench.py --profile measures it)")
+                        "terms stay float32 (default: on for the models whose recipe says so, "
+                        f"{', '.join(n for n, c in MODELS.items() if c.recipe.get('bf16'))}, where the device "
+                        "computes bf16 natively: GPUs with bf16, CPUs with AVX-512 BF16 or AMX; "
+                        "bench.py --profile measures it)")
     g = p.add_argument_group("model (default: the model's own, listed below; a model that does not take "
                              "an option given here stops with an error)")
     g.add_argument("--latent-dim", type=checks.positive_int, help="latent size (dae, beta_vae, savae, ar_savae)")
@@ -141,7 +143,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.out = args.out or str(run_dir(args.runs, args.category, args.model))
     if args.bf16 is None:
-        args.bf16 = native_bf16(pick_device(args.device))
+        args.bf16 = MODELS[args.model].recipe.get("bf16", False) and native_bf16(pick_device(args.device))
     return args
 
 

@@ -141,13 +141,15 @@ def test_bf16_autocast_trains_to_finite_losses(rgb_root, tmp_path, name):
     assert float(last["train_loss"]) < float(first["train_loss"])
 
 
-def test_bf16_is_on_by_default_only_where_the_device_has_bf16_units(monkeypatch):
-    base = ["--model", "dae", "--category", "bottle", "--device", "cpu"]
+def test_bf16_is_on_by_default_only_where_the_recipe_says_and_the_device_has_bf16_units(monkeypatch):
     for has_units in (True, False):
         monkeypatch.setattr(train, "native_bf16", lambda device, answer=has_units: answer)
-        assert train.parse_args(base).bf16 is has_units
-        assert train.parse_args(base + ["--bf16"]).bf16 is True
-        assert train.parse_args(base + ["--no-bf16"]).bf16 is False
+        for name, cls in models.MODELS.items():
+            base = ["--model", name, "--category", "bottle", "--device", "cpu"]
+            assert train.parse_args(base).bf16 is (cls.recipe["bf16"] and has_units)
+            assert train.parse_args(base + ["--bf16"]).bf16 is True
+            assert train.parse_args(base + ["--no-bf16"]).bf16 is False
+    assert models.DAE.recipe["bf16"]  # measured: the same detection figures, 1.3x faster epochs
 
 
 def test_a_cpu_without_bf16_probes_reads_as_without_bf16_units(monkeypatch):
