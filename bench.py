@@ -8,7 +8,7 @@
 Ours      = what train.py does: the split decoded once into a uint8 tensor in memory,
             `data.to_float` per batch, the model as train.py builds it, then train.train_step
             itself (model.loss + backward + gradient clipping + AdamW step, train.py's optimizer,
-            bf16 autocast where the device has bf16 units, as train.py does by default),
+            bf16 autocast when train.py would use it: the recipe's `bf16` on a device with bf16 units),
             with the recipe's extra terms off so both loops optimise the same objective. "Recipe"
             = the same with train.py's default recipe on (synthetic anomalies + SSIM term; LPIPS is
             left out, it needs downloaded weights). Inference: model.reconstruct under inference_mode.

@@ -707,7 +707,7 @@ class VectorQuantizer(nn.Module):
     def forward(self, z, update=False):
         z = z.float()  # distances and EMA statistics in float32, also under bf16 autocast
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
-        with torch.autocast(z.device.type, enabled=False):  # which autocast would run in bf16
+        with torch.autocast(z.device.type, enabled=False):  # matrix products: autocast would use bf16
             idx = self.nearest(flat)
             if update and self.ema:
                 self.ema_update(flat.detach(), idx)
@@ -797,7 +797,8 @@ class CausalCodePrior(nn.Module):
         for t in range(slope * (s - 1) + s):
             rows = torch.arange(max(0, (t - s) // slope + 1), min(s - 1, t // slope) + 1)
             cols = t - slope * rows
-            windows = torch.stack([canvas[:, :, i:i + r + 1, j:j + w] for i, j in zip(rows.tolist(), cols.tolist())], 1)
+            windows = torch.stack([canvas[:, :, i:i + r + 1, j:j + w]
+                                   for i, j in zip(rows.tolist(), cols.tolist())], 1)  # (n, P, embed, r+1, w)
             h = F.conv2d(windows.flatten(0, 1), weight, self.conv.bias).view(n, len(rows), -1)
             h = h + self.position[0, :, rows, cols].t()  # (n, P, hidden)
             logits = self.head(h.reshape(-1, h.shape[-1], 1, 1))[:, :, 0, 0].view(n, len(rows), -1)
