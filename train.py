@@ -109,6 +109,12 @@ def parse_args(argv=None):
                             f"{per_model(f'{stage}_steps')} steps, as whole epochs)")
         g.add_argument(f"--{stage}-lr", type=checks.positive_float,
                        help=f"peak learning rate of the '{stage}' stage ({per_model(f'{stage}_lr')})")
+    g.add_argument("--rotate", choices=["auto", "on", "off"], default="auto",
+                   help="turn every training image by a random angle (corners filled by reflection). "
+                        f"auto: on when the parts lie at random angles and there are fewer than {ROTATE_BELOW} "
+                        "training images, so few angles are covered (printed with its reason); a large "
+                        "set covers the angles itself, and turning it teaches that a mirrored part is "
+                        "normal (metal_nut's flip)")
     g.add_argument("--anomaly-fraction", type=checks.unit_fraction,
                    help="fraction of each first-stage batch given synthetic anomalies to restore "
                         f"({per_model('anomaly_fraction')})")
@@ -144,6 +150,7 @@ def parse_args(argv=None):
     args.out = args.out or str(run_dir(args.runs, args.category, args.model))
     if args.bf16 is None:
         args.bf16 = MODELS[args.model].recipe.get("bf16", False) and native_bf16(pick_device(args.device))
+    args.rotate_used = args.rotate == "on"  # auto is decided in main, once the training images are read
     return args
 
 
@@ -360,10 +367,64 @@ def backward_step(optimizer, total):
     optimizer.step()
 
 
+def rotate(x, angle):
+    """Each image of x (B, C, S, S) turned about its centre by its angle (B,) in radians,
+    counter-clockwise as displayed; the corners are filled by reflection, so the model never sees
+    black wedges that test images lack."""
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    # affine_grid maps output to input coordinates: [[cos, -sin, 0], [sin, cos, 0]]
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def rotate_randomly(x):
+    return rotate(x, torch.rand(len(x), device=x.device) * 2 * math.pi)
+
+
+# auto-rotation: measured on metal_nut (parts at random angles, DAE): 5 training images 0.615 ->
+# 0.864 image AUROC with rotation; all 198 images (an earlier recipe) 0.925 -> 0.812: mirrored
+# nuts pass. Where
+# between the two the angles are covered well enough is not measured: 50 is a guess.
+ROTATE_BELOW = 50
+UNALIGNED_GAIN = 0.1  # measured gains: bottle 0.000, metal_nut 0.165-0.213, random blobs 0.055
+
+
+def alignment_gain(images, size=32, turns=24):
+    """How much better each training image matches the next one when turned onto it: the mean
+    over pairs of max_angle corr(turn(a), b) - corr(a, b), on grey 32 px copies. About 0 for
+    aligned parts (already at their best match), large for parts at random angles."""
+    def unit(x):
+        x = x - x.mean((2, 3), keepdim=True)
+        return x / x.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None, None]
+    x = unit(F.interpolate(images.float().mean(1, keepdim=True), size=(size, size), mode="area"))
+    other = x.roll(1, 0)
+    corr = torch.stack([(unit(rotate(x, torch.full((len(x),), 2 * math.pi * k / turns))) * other).flatten(1).sum(1)
+                        for k in range(turns)])  # (turns, images); turn 0 is the image as it lies
+    return float((corr.max(0).values - corr[0]).mean())
+
+
+def decide_rotation(mode, images):
+    """(rotate or not, why) for --rotate auto|on|off, from the training images (uint8 N, C, S, S)."""
+    if mode != "auto":
+        return mode == "on", f"--rotate {mode}"
+    if len(images) < 2:
+        return False, "one training image: no angles to compare"
+    gain = alignment_gain(images)
+    lie = f"turning one image onto another raises their correlation by {gain:.3f}"
+    if gain < UNALIGNED_GAIN:
+        return False, f"parts aligned ({lie} < {UNALIGNED_GAIN})"
+    if len(images) >= ROTATE_BELOW:
+        return False, f"parts at random angles ({lie}), but {len(images)} training images cover the angles"
+    return True, f"parts at random angles ({lie}) and only {len(images)} training images"
+
+
 def train_step(net, optimizer, x, stage, args, perceptual=None):
     """One optimisation step on a batch x of clean images, at the stage's current lr and progress;
-    returns the terms to log (on the device). In the first stage a share of the batch gets
-    synthetic anomalies (args.anomaly_fraction) and the model is asked for x."""
+    returns the terms to log (on the device). With rotation on (args.rotate_used) the batch is
+    first turned by random angles. In the first stage a share of the batch gets synthetic anomalies
+    (args.anomaly_fraction) and the model is asked for x."""
+    x = rotate_randomly(x) if args.rotate_used else x
     inputs = add_synthetic_anomalies(x, args.anomaly_fraction) if stage.index == 0 else x
     for group in optimizer.param_groups:
         group["lr"] = stage.current_lr()
@@ -488,6 +549,7 @@ def main(argv=None):
     checks.claim_run_dir(args.out, args.resume, args.overwrite)  # a finished run is never replaced silently
     resume = load_resume(args, device, model_config)
     split, train, val = load_data(args, rank, world, resume)
+    args.rotate_used, why = decide_rotation(args.rotate, train.images)
     model = make_model(args, device)
     perceptual = load_perceptual(model, args, device, rank)
     if args.overwrite and rank == 0:
@@ -502,6 +564,7 @@ def main(argv=None):
         print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(train)} train / {len(val)} val "
               f"images at {args.size} px, device {device}{' with bf16 autocast' if args.bf16 else ''}, "
               f"{world} process(es)")
+        print(f"rotation augmentation {'on' if args.rotate_used else 'off'}: {why}")
 
     sampler = DistributedSampler(range(len(train)), world, rank, shuffle=True, seed=args.seed)
     per_rank = max(1, args.batch_size // world)

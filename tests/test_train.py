@@ -1,5 +1,6 @@
 """train.py end to end: every model trains, writes its outputs, resumes exactly, fails clearly."""
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -129,6 +130,45 @@ def test_synthetic_anomalies_keep_grey_images_grey():
     grey = torch.rand(8, 1, 32, 32).expand(8, 3, 32, 32).contiguous()
     y = train.add_synthetic_anomalies(grey, 0.5)
     assert not torch.equal(y, grey) and torch.equal(y[:, :1].expand_as(y), y)
+
+
+def test_rotate_turns_each_image_about_its_centre_by_its_own_angle():
+    x = torch.rand(2, 3, 16, 16)
+    turned = train.rotate(x, torch.tensor([0.0, math.pi / 2]))
+    torch.testing.assert_close(turned[0], x[0])  # no turn: the image itself
+    torch.testing.assert_close(turned[1], torch.rot90(x[1], 1, (1, 2)), rtol=0, atol=1e-5)  # a quarter turn
+    torch.manual_seed(0)
+    once = train.rotate_randomly(x[:1].expand(4, 3, 16, 16))
+    assert not torch.allclose(once[0], once[1])  # every image of a batch gets its own angle
+
+
+def test_rotate_is_recorded_and_a_resume_must_keep_it(rgb_root, tmp_path):
+    r = run_train(rgb_root, "synthetic", tmp_path, "--model", "dae", "--epochs", "1", "--rotate", "on")
+    assert "rotation augmentation on: --rotate on" in r.stdout
+    config = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert config["rotate"] == "on" and config["rotate_used"] is True
+    r = run_train(rgb_root, "synthetic", tmp_path, "--model", "dae", "--epochs", "2", "--resume", check=False)
+    assert r.returncode != 0 and "--rotate is auto but the run" in r.stderr and "Traceback" not in r.stderr
+
+
+def turned_parts(n, aligned, size=32):
+    """n images of one asymmetric part (an L of two bars), all upright or each at a random angle."""
+    part = torch.zeros(1, 3, size, size)
+    part[..., 6:26, 8:12] = 1.0
+    part[..., 22:26, 8:24] = 1.0
+    angles = torch.zeros(n) if aligned else torch.rand(n, generator=torch.Generator().manual_seed(0)) * 2 * math.pi
+    return (train.rotate(part.expand(n, -1, -1, -1), angles) * 255).round().to(torch.uint8)
+
+
+def test_auto_rotation_is_on_only_for_few_parts_at_random_angles():
+    assert train.alignment_gain(turned_parts(8, aligned=True)) < 0.01 < train.UNALIGNED_GAIN
+    assert train.alignment_gain(turned_parts(8, aligned=False)) > 2 * train.UNALIGNED_GAIN
+    on, why = train.decide_rotation("auto", turned_parts(8, aligned=False))
+    assert on and "random angles" in why and "only 8 training images" in why
+    assert not train.decide_rotation("auto", turned_parts(8, aligned=True))[0]  # aligned: never turned
+    many = turned_parts(train.ROTATE_BELOW, aligned=False)
+    assert not train.decide_rotation("auto", many)[0]  # enough images cover the angles themselves
+    assert train.decide_rotation("on", many)[0] and not train.decide_rotation("off", turned_parts(8, False))[0]
 
 
 @pytest.mark.parametrize("name", ["savae", "vqvae"])
