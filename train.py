@@ -4,7 +4,9 @@
     torchrun --nproc_per_node=2 train.py --model vqvae --category bottle   # several processes
 
 The model owns its objective (model.loss) and its defaults (model.recipe, its constructor); this
-file runs its stages in order, each epoch train_epoch -> validate -> checkpoint.
+file runs its stages in order, each epoch train_epoch -> validate -> checkpoint. Before the
+first, it reads from the training images whether to turn them by random angles (--rotate auto:
+few images of parts that lie at any angle) and prints the decision.
 Writes to <runs>/<category>/<model>/ (--runs, default outputs; --out names the folder itself):
     checkpoint.pt   latest state (model args + weights + optimizer + stage/epoch/step + config +
                     the train/val files: name, bytes, SHA-256), written atomically every epoch;
