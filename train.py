@@ -99,6 +99,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=checks.non_negative_int, default=0,
                    help="seeds the weights, the val split, the shuffling and the synthetic anomalies")
     p.add_argument("--val-fraction", type=checks.open_fraction, default=0.1, help="train/good held out for validation")
+    p.add_argument("--rotate", choices=["auto", "on", "off"], default="auto",
+                   help="turn every training image by a random angle (corners filled by reflection). "
+                        f"auto: on when the parts lie at random angles and there are fewer than {ROTATE_BELOW} "
+                        "training images, so few angles are covered (printed with its reason); a large "
+                        "set covers the angles itself, and turning it teaches that a mirrored part is "
+                        "normal (metal_nut's flip)")
     g = p.add_argument_group("schedule (default: the model's recipe, values in brackets)")
     g.add_argument("--epochs", type=checks.positive_int,
                    help="epochs of the first stage (default: the recipe's optimisation steps as whole epochs of "
@@ -111,12 +117,6 @@ def parse_args(argv=None):
                             f"{per_model(f'{stage}_steps')} steps, as whole epochs)")
         g.add_argument(f"--{stage}-lr", type=checks.positive_float,
                        help=f"peak learning rate of the '{stage}' stage ({per_model(f'{stage}_lr')})")
-    g.add_argument("--rotate", choices=["auto", "on", "off"], default="auto",
-                   help="turn every training image by a random angle (corners filled by reflection). "
-                        f"auto: on when the parts lie at random angles and there are fewer than {ROTATE_BELOW} "
-                        "training images, so few angles are covered (printed with its reason); a large "
-                        "set covers the angles itself, and turning it teaches that a mirrored part is "
-                        "normal (metal_nut's flip)")
     g.add_argument("--anomaly-fraction", type=checks.unit_fraction,
                    help="fraction of each first-stage batch given synthetic anomalies to restore "
                         f"({per_model('anomaly_fraction')})")
