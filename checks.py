@@ -316,7 +316,11 @@ def load_checkpoint(path, device="cpu", expected=None, advice=None, use_hint="pa
 
 
 def weights_mismatch(path, name, error):
-    return f"the weights in '{path}' do not fit its {name} ({first_line(error, 120)})"
+    # load_state_dict's first line only says that loading failed; its second says which weights
+    lines = str(error).strip().splitlines()
+    detail = first_line(lines[1].strip() if len(lines) > 1 else error, 120)
+    return (f"the weights in '{path}' do not fit its {name} ({detail}): was it written by another "
+            "version of models.py?")
 
 
 # ----------------------------------------------------------------------------- resuming

@@ -8,8 +8,9 @@
 Maps (per pixel, higher = more anomalous), each model's own (model.anomaly_maps): l2 (squared
 error), ssim (1 - SSIM, 11 x 11 window), msgms (1 - multi-scale gradient-magnitude similarity),
 feature (1 - cosine similarity of the model's own encoder features of input and reconstruction),
-and its extras (SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll, the prior's
--log p of each code, with the reconstruction decoded from prior-restored codes); and lpips
+and its extras (DAE: segment, its segmenter's probability that a pixel is a defect;
+SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll, the prior's -log p of each
+code, with the reconstruction decoded from prior-restored codes); and lpips
 (spatial LPIPS, real weights only), computed here. Without --map, the model's default_map
 (README, Detection, lists them and their measured effect).
 Each map first loses its baseline: the per-pixel mean of that map over the
@@ -475,7 +476,7 @@ def parse_args(argv=None):
                         "them), no labels needed; writes <results>/<class>/inspect/<time>/")
     p.add_argument("--fail-on-defect", action="store_true",
                    help="with --images: exit with code 3 when any image is flagged (for scripts)")
-    p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (SAVAE/AR-SAVAE: "
+    p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (DAE: segment; SAVAE/AR-SAVAE: "
                    "variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
                    "(default: the model's default_map, printed when the run starts)")
     p.add_argument("--sigma", type=checks.non_negative_float, default=4.0, help="Gaussian smoothing of the map, pixels")

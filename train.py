@@ -118,7 +118,7 @@ def parse_args(argv=None):
         g.add_argument(f"--{stage}-lr", type=checks.positive_float,
                        help=f"peak learning rate of the '{stage}' stage ({per_model(f'{stage}_lr')})")
     g.add_argument("--anomaly-fraction", type=checks.unit_fraction,
-                   help="fraction of each first-stage batch given synthetic anomalies to restore "
+                   help="fraction of each batch given synthetic anomalies, in the stages that use them "
                         f"({per_model('anomaly_fraction')})")
     g = p.add_argument_group("speed")
     g.add_argument("--compile", action="store_true",
@@ -328,6 +328,8 @@ class Stage:
     epochs: int
     lr: float
     steps_per_epoch: int
+    anomalies: bool  # its batches get synthetic anomalies (the model's anomaly_stages)
+    keep_last: bool = False  # best.pt is its latest epoch, whatever its val loss (last_epoch_stages)
     epoch: int = 0
     step: int = 0
     best_val: float = math.inf
@@ -347,7 +349,8 @@ def plan_stages(model, args, steps_per_epoch):
     def epochs(i, name):
         given = getattr(args, stage_option(i, name, "epochs"))
         return given or math.ceil(getattr(args, stage_option(i, name, "steps")) / steps_per_epoch)
-    return [Stage(i, name, epochs(i, name), getattr(args, stage_option(i, name, "lr")), steps_per_epoch)
+    return [Stage(i, name, epochs(i, name), getattr(args, stage_option(i, name, "lr")), steps_per_epoch,
+                  anomalies=name in model.anomaly_stages, keep_last=name in model.last_epoch_stages)
             for i, name in enumerate(model.stages)]
 
 
@@ -424,10 +427,10 @@ def decide_rotation(mode, images):
 def train_step(net, optimizer, x, stage, args, perceptual=None):
     """One optimisation step on a batch x of clean images, at the stage's current lr and progress;
     returns the terms to log (on the device). With rotation on (args.rotate_used) the batch is
-    first turned by random angles. In the first stage a share of the batch gets synthetic anomalies
-    (args.anomaly_fraction) and the model is asked for x."""
+    first turned by random angles. In the model's anomaly_stages a share of the batch gets
+    synthetic anomalies (args.anomaly_fraction) and the model is asked for x."""
     x = rotate_randomly(x) if args.rotate_used else x
-    inputs = add_synthetic_anomalies(x, args.anomaly_fraction) if stage.index == 0 else x
+    inputs = add_synthetic_anomalies(x, args.anomaly_fraction) if stage.anomalies else x
     for group in optimizer.param_groups:
         group["lr"] = stage.current_lr()
     # --bf16: the network runs under autocast, the model keeps its image terms in float32
@@ -524,7 +527,7 @@ def load_resume(args, device, model_config):
 
 def save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config, split):
     """Rank 0's files after an epoch: its metrics.csv row, checkpoint.pt, and best.pt when the
-    validation loss improved. config: the run's options (config["out"] is the folder); split:
+    validation loss improved (every epoch, in a stage.keep_last stage). config: the run's options (config["out"] is the folder); split:
     the train/val file record detect.py and evaluate.py use."""
     out = config["out"]
     rows.append({"stage_index": stage.index, "stage": stage.name, "epoch": stage.epoch, "step": stage.step,
@@ -538,7 +541,7 @@ def save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config, sp
             "best_val": min(stage.best_val, scores["val_loss"]), "val": scores, "config": config,
             "split": split}
     save_atomic(ckpt, os.path.join(out, "checkpoint.pt"))
-    if scores["val_loss"] < stage.best_val:
+    if scores["val_loss"] < stage.best_val or stage.keep_last:
         save_atomic(ckpt, os.path.join(out, "best.pt"))
 
 

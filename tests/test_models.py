@@ -252,6 +252,59 @@ def test_prior_stage_changes_the_prior_and_nothing_else(name, batch):
         assert changed == (key in named and id(named[key]) in prior), key
 
 
+def test_dae_segmenter_stage_changes_the_segmenter_and_nothing_of_the_autoencoder(batch):
+    """Stage 2 learns from a frozen autoencoder: its weights and batch-norm statistics stay put."""
+    model = build("dae").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(model.stage_parameters("segmenter"), lr=1e-2)
+    corrupted = batch.clone()
+    corrupted[:, :, 8:16, 8:16] = 1.0
+    for _ in range(3):
+        opt.zero_grad()
+        model.loss(corrupted, batch, stage="segmenter")[0].backward()
+        opt.step()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) != key.startswith("segmenter."), key
+    assert not set(model.stage_parameters("segmenter")) & set(model.stage_parameters("autoencoder"))
+
+
+def test_changed_pixels_are_those_a_corruption_moved_beyond_the_threshold():
+    clean = torch.full((1, 3, 8, 8), 0.5)
+    corrupted = clean.clone()
+    corrupted[0, 1, :2, :2] += 0.1  # one channel is enough
+    corrupted[0, :, 6:, 6:] += 2 / 255  # too faint to see
+    mask = models.changed_pixels(corrupted, clean)
+    assert mask.shape == (1, 1, 8, 8) and mask.sum() == 4 and mask[0, 0, :2, :2].all()
+
+
+def test_dae_segmenter_learns_to_mark_pasted_squares():
+    """The `segment` map is several times higher where a square was pasted than elsewhere, on new
+    images (an untrained segmenter: about the same)."""
+    torch.manual_seed(0)
+    model = build("dae")
+
+    def corrupt(clean):
+        x, mask = clean.clone(), torch.zeros_like(clean[:, :1])
+        for i in range(len(x)):
+            r, c = torch.randint(0, SIZE - 8, (2,)).tolist()
+            x[i, :, r:r + 8, c:c + 8] = torch.rand(3, 1, 1)
+            mask[i, :, r:r + 8, c:c + 8] = 1
+        return x, mask
+
+    def smooth_images(n):
+        return torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4), size=SIZE, mode="bilinear")
+    opt = torch.optim.Adam(model.stage_parameters("segmenter"), lr=3e-3)
+    for _ in range(300):
+        clean = smooth_images(8)
+        opt.zero_grad()
+        model.loss(corrupt(clean)[0], clean, stage="segmenter")[0].backward()
+        opt.step()
+    x, mask = corrupt(smooth_images(8))
+    with torch.no_grad():
+        segment = model.eval().anomaly_maps(x, names=["segment"])[1]["segment"]
+    assert segment[mask > 0].mean() > 3 * segment[mask == 0].mean()
+
+
 def test_spatial_bottleneck_keeps_the_interface(batch):
     model = build("savae", bottleneck="spatial", latent_dim=128)
     total, _, recon = model.loss(batch)
