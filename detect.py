@@ -476,8 +476,8 @@ def parse_args(argv=None):
                         "them), no labels needed; writes <results>/<class>/inspect/<time>/")
     p.add_argument("--fail-on-defect", action="store_true",
                    help="with --images: exit with code 3 when any image is flagged (for scripts)")
-    p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (DAE: segment; SAVAE/AR-SAVAE: "
-                   "variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
+    p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (DAE: segment; "
+                   "SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
                    "(default: the model's default_map, printed when the run starts)")
     p.add_argument("--sigma", type=checks.non_negative_float, default=4.0, help="Gaussian smoothing of the map, pixels")
     p.add_argument("--baseline", choices=["train", "none"], default="train",

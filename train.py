@@ -527,8 +527,8 @@ def load_resume(args, device, model_config):
 
 def save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config, split):
     """Rank 0's files after an epoch: its metrics.csv row, checkpoint.pt, and best.pt when the
-    validation loss improved (every epoch, in a stage.keep_last stage). config: the run's options (config["out"] is the folder); split:
-    the train/val file record detect.py and evaluate.py use."""
+    validation loss improved (every epoch, in a stage.keep_last stage). config: the run's options
+    (config["out"] is the folder); split: the train/val file record detect.py and evaluate.py use."""
     out = config["out"]
     rows.append({"stage_index": stage.index, "stage": stage.name, "epoch": stage.epoch, "step": stage.step,
                  "seconds": seconds, "lr": stage.current_lr(),
