@@ -53,9 +53,10 @@ def stage_option(index, stage, what):
 
 def recipe_defaults(cls):
     """What a model's recipe fills in: steps and lr of each stage (a later stage the recipe does
-    not name runs like the first), and anomaly_fraction. Epochs come from the steps once the
-    size of the training set is known (plan_stages)."""
-    recipe, values = cls.recipe, {"anomaly_fraction": cls.recipe["anomaly_fraction"]}
+    not name runs like the first), batch_size and anomaly_fraction. Epochs come from the steps
+    once the size of the training set is known (plan_stages)."""
+    recipe = cls.recipe
+    values = {"batch_size": recipe["batch_size"], "anomaly_fraction": recipe["anomaly_fraction"]}
     for index, stage in enumerate(cls.stages):
         for what in ("steps", "lr"):
             values[stage_option(index, stage, what)] = recipe.get(stage_option(index, stage, what), recipe[what])
@@ -95,7 +96,8 @@ def parse_args(argv=None):
                         "an existing run is never touched")
     p.add_argument("--size", type=checks.positive_int, default=128,
                    help="image side in pixels; a 256 px epoch costs about 4.4x a 128 px one (DAE on CPU)")
-    p.add_argument("--batch-size", type=checks.positive_int, default=16, help="total over all processes")
+    p.add_argument("--batch-size", type=checks.positive_int,
+                   help=f"total over all processes (default: the recipe's, {per_model('batch_size')})")
     p.add_argument("--seed", type=checks.non_negative_int, default=0,
                    help="seeds the weights, the val split, the shuffling and the synthetic anomalies")
     p.add_argument("--val-fraction", type=checks.open_fraction, default=0.1, help="train/good held out for validation")
@@ -108,7 +110,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("schedule (default: the model's recipe, values in brackets)")
     g.add_argument("--epochs", type=checks.positive_int,
                    help="epochs of the first stage (default: the recipe's optimisation steps as whole epochs of "
-                        f"the training set, {per_model('steps')} steps; 3600 are 300 epochs of 188 images at batch 16)")
+                        f"the training set, {per_model('steps')} steps; 2400 are 100 epochs of 188 images at batch 8)")
     g.add_argument("--lr", type=checks.positive_float,
                    help=f"peak learning rate of the first stage, cosine-decayed to 0 ({per_model('lr')})")
     for stage, names in later.items():

@@ -211,7 +211,9 @@ def test_one_vocabulary_class_and_category_runs_and_out():
 def test_recipe_fills_what_the_command_line_leaves_open():
     args = train.parse_args(["--model", "savae", "--category", "bottle", "--prior-lr", "0.5"])
     schedule = (args.steps, args.lr, args.prior_steps, args.prior_lr, args.anomaly_fraction)
-    assert schedule == (2400, 1e-3, 360, 0.5, 0.5)
+    assert schedule == (2400, 1e-3, 360, 0.5, 0.5) and args.batch_size == 16
+    assert train.parse_args(["--model", "dae", "--category", "bottle"]).batch_size == 8
+    assert train.parse_args(["--model", "dae", "--category", "bottle", "--batch-size", "32"]).batch_size == 32
     assert args.epochs is None and args.prior_epochs is None  # from the steps, once the data is known
     assert train.model_args(args) == {"image_size": 128}  # the model's own defaults for the rest
 
@@ -221,7 +223,8 @@ def test_help_shows_every_models_defaults(capsys):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: recipe)" not in text
-    assert "dae 3600, beta_vae 3000, ar_savae 1920, savae 2400, vqvae 480 steps" in text  # --epochs
+    assert "dae 2400, beta_vae 3000, ar_savae 1920, savae 2400, vqvae 480 steps" in text  # --epochs
+    assert "dae 8, beta_vae 16, ar_savae 16, savae 16, vqvae 16" in text  # --batch-size
     assert "ar_savae 360, savae 360, vqvae 480 steps" in text  # --prior-epochs
     assert "latent_dim=2048" in text and "lpips_weight=1.0" in text
 
