@@ -165,3 +165,29 @@ def test_bench_inspect_reports_images_per_second_for_each_model(tmp_path, capsys
                 "--runs", str(tmp_path / "runs"), "--inspect-images", "8"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| dae") or line.startswith("| vqvae")]
     assert len(rows) == 2 and all("| cpu | untrained | 16 |" in r for r in rows)
+
+
+def test_a_run_trained_on_turned_parts_also_calibrates_on_turned_val_images(setup, capsys):
+    """Any turn of a good part is a good part to such a run: eight angles of each val image give
+    the threshold more good scores than one val image alone."""
+    root, runs, results = setup
+    ckpt_path = runs / CATEGORY / "dae" / "best.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt["config"]["rotate_used"] = True  # as train.py records --rotate on
+    torch.save(ckpt, ckpt_path)
+    detect_main(root, runs, results, "--no-pictures")
+    assert "threshold rests on 1 val image, scored at 8 angles: turned copies" in capsys.readouterr().out
+    calibration = torch.load(detect.calibration_path(ckpt_path, "ssim+feature+chroma+segment"), weights_only=True)
+    assert calibration["settings"]["val_turns"] == 8 and len(calibration["val_scores"]) == 8
+    assert calibration["threshold"] == calibration["val_scores"].max()
+
+
+def test_turned_copies_hold_each_image_at_every_angle_the_unturned_first():
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    turned = detect.turned_copies(images, 4)
+    assert turned.shape == (8, 3, 16, 16) and turned.dtype == torch.uint8
+    assert torch.equal(turned[:2], images)
+    quarter = torch.rot90(images, 1, (2, 3)).int()  # the second pair: a quarter turn, as train.rotate
+    assert (turned[2:4].int() - quarter).abs().max() <= 1
+    assert detect.turned_copies(images, 1) is images
+    assert detect.val_turns({"rotate_used": True}) == detect.CALIBRATION_TURNS and detect.val_turns({}) == 1
