@@ -268,7 +268,7 @@ def turned_copies(images, turns):
         return images
     x = data.to_float(images).repeat(turns, 1, 1, 1)
     angles = torch.arange(turns).repeat_interleave(len(images)) * (2 * torch.pi / turns)
-    return (rotate(x, angles.float()) * 255).round().clamp(0, 255).to(torch.uint8)
+    return (rotate(x, angles) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def calibration_settings(args, run):
@@ -295,7 +295,8 @@ def read_calibration(path):
 
 
 def compute_calibration(run, args, settings):
-    """Map the recorded val images (and, for the baseline, the recorded train images)."""
+    """Map the recorded val images, turned too where the run was (val_turns), and, for the
+    baseline, the recorded train images."""
     root, category, size = run.root, args.category, run.cfg["size"]
     split = checks.split_of(run.ckpt, run.ckpt_path, root, category)
     val = data.load_split(root, category, "val", size, files=data.split_files(root, category, split, "val"))
