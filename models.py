@@ -24,6 +24,7 @@ Per-pixel terms are means over pixels, so `total` is an ELBO (or loss) per pixel
 KL (nats per image) is divided by the pixel count P = 3 H W.
 """
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -200,6 +201,20 @@ def up_block(c_in, c_out, dropout=0.0):
 
 def stage_widths(width, n_down):
     return [min(width * 2 ** i, 256) for i in range(n_down)]
+
+
+@contextmanager
+def mode(modules, training):
+    """Inside the block the modules and all their children are in train (True) or eval (False)
+    mode; after it, every one of them is back in the mode it had (not its parent's)."""
+    was_training = [(m, m.training) for top in modules for m in top.modules()]
+    for m in modules:
+        m.train(training)
+    try:
+        yield
+    finally:
+        for m, t in was_training:
+            m.training = t
 
 
 class ConvEncoder(nn.Sequential):
@@ -502,13 +517,9 @@ class DAE(LatentVectorAE):
         """Stage 2, the autoencoder frozen: the segmenter learns to mark the pixels the synthetic
         anomalies changed (changed_pixels of x and the clean target) from x and its reconstruction."""
         autoencoder = [self.encoder, self.to_latent, self.from_latent, self.decoder]
-        was_training = [m.training for m in autoencoder]
-        for m in autoencoder:  # frozen: batch norm must not drift either
-            m.eval()
-        with torch.no_grad():
+        # frozen: batch norm must not drift either
+        with mode(autoencoder, training=False), torch.no_grad():
             recon = self.reconstruct(x)
-        for m, t in zip(autoencoder, was_training):
-            m.train(t)
         loss = focal_loss(self.segmenter(x, recon).float(), changed_pixels(x, target))
         return loss, {"focal": loss.detach()}, None
 
@@ -647,12 +658,10 @@ class SAVAE(LatentVectorAE):
         return list(self.parameters())
 
     def prior_loss(self, x):
-        encoder_was_training = self.encoder.training
-        self.encoder.eval()  # frozen: batch norm must not drift either
-        with torch.no_grad():
+        # frozen: batch norm must not drift either
+        with mode([self.encoder], training=False), torch.no_grad():
             mu, logvar = self.posterior(x)
             z = reparameterize(mu, logvar)
-        self.encoder.train(encoder_was_training)
         kl = self.kl(z, mu, logvar).mean()  # only -log p(z) depends on the prior's parameters
         return kl, {"prior_kl": kl.detach()}, None
 
@@ -677,15 +686,9 @@ class SAVAE(LatentVectorAE):
     def uncertainty(self, x, passes=8):
         """MC dropout: predictive mean, epistemic and aleatoric variance, each (B, 1 or 3, H, W)."""
         dropouts = [m for m in self.modules() if isinstance(m, nn.Dropout2d)]
-        was_training = [m.training for m in dropouts]
-        for m in dropouts:  # dropout on, batch norm still in eval mode
-            m.train()
-        try:
+        with mode(dropouts, training=True):  # dropout on, batch norm still in eval mode
             mu = self.posterior(x)[0]
             means, variances = zip(*(self.pixel_distribution(mu) for _ in range(passes)))
-        finally:
-            for m, t in zip(dropouts, was_training):
-                m.train(t)
         means = torch.stack(means)
         epistemic = means.var(0, unbiased=False).mean(1, keepdim=True)
         aleatoric = torch.stack(variances).exp().mean(0).mean(1, keepdim=True)

@@ -2,6 +2,7 @@
 losses fall, priors sample, VQ details."""
 import ast
 import copy
+import sys
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def test_models_py_imports_only_torch_and_the_standard_library():
     tree = ast.parse((ROOT / "models.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"torch", "math"}
+    assert {m for m in imported if m not in sys.stdlib_module_names} == {"torch"}
 
 
 @pytest.mark.parametrize("name", list(models.MODELS))
@@ -218,6 +219,18 @@ def test_uncertainty_uses_dropout_and_restores_module_modes(name, batch):
     assert epistemic.max() > 0 and (aleatoric > 0).all()
     assert not any(m.training for m in model.modules())
     assert {"variance_weighted", "epistemic"} <= set(maps)
+
+
+def test_mode_switches_modules_inside_the_block_and_restores_each_after_it_even_on_error():
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Dropout2d(0.5)).train()
+    net[1].eval()  # mixed modes must come back as they were, not as the parent's
+    with models.mode([net], training=False):
+        assert not any(m.training for m in net.modules())
+    assert net.training and net[0].training and not net[1].training
+    with pytest.raises(RuntimeError), models.mode([net[1]], training=True):
+        assert net[1].training
+        raise RuntimeError("inside the block")
+    assert not net[1].training
 
 
 @pytest.mark.parametrize("name", list(models.MODELS))
