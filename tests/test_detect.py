@@ -104,7 +104,7 @@ def trained_dae(rgb_root, tmp_path_factory):
     """A DAE trained 10 epochs (30 steps, about a second) on the synthetic category at 32 px."""
     out = tmp_path_factory.mktemp("outputs")
     subprocess.run([sys.executable, "train.py", "--model", "dae", "--category", "synthetic",
-                    "--data-root", str(rgb_root), "--size", "32", "--epochs", "10", "--segmenter-epochs", "10",
+                    "--data-root", str(rgb_root), "--size", "32", "--epochs", "10",
                     "--batch-size", "8",
                     "--out", str(out / "synthetic" / "dae")], cwd=ROOT, check=True, capture_output=True)
     return out

@@ -132,11 +132,10 @@ def test_batchnorm_model_runs_under_torchrun(rgb_root, tmp_path):
     """BatchNorm (per-process statistics, rank 0's buffers broadcast) trains end to end."""
     from models import load_model
 
-    stdout = finish(launch(["--model", "dae", "--data-root", str(rgb_root), "--epochs", "1",
-                            "--segmenter-epochs", "1"], tmp_path / "dae", 2))
+    stdout = finish(launch(["--model", "dae", "--data-root", str(rgb_root), "--epochs", "1"], tmp_path / "dae", 2))
     assert stdout.count("done:") == 1 and "2 process(es)" in stdout
     assert OUTPUTS <= {p.name for p in (tmp_path / "dae").iterdir()}
-    assert [row["stage"] for row in read_rows(tmp_path / "dae" / "metrics.csv")] == ["autoencoder", "segmenter"]
+    assert [row["stage"] for row in read_rows(tmp_path / "dae" / "metrics.csv")] == ["autoencoder"]
     model, ckpt = load_model(tmp_path / "dae" / "checkpoint.pt")
-    assert ckpt["step"] == 3  # of the segmenter stage: 22 images, 11 per process, batches of 4: 3 steps
+    assert ckpt["step"] == 3  # 22 images, 11 per process, batches of 4: 3 steps
     assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())

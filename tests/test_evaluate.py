@@ -74,7 +74,7 @@ def trained(tmp_path_factory):
     data.make_synthetic_category(root, "synthetic", size=32, n_train=10, n_good_test=2, n_defect_test=1)
     common = ["--category", "synthetic", "--data-root", str(root), "--size", "32", "--epochs", "1",
               "--batch-size", "8"]
-    train.main(["--model", "dae", *common, "--segmenter-epochs", "1", "--out", str(outputs / "synthetic" / "dae")])
+    train.main(["--model", "dae", *common, "--out", str(outputs / "synthetic" / "dae")])
     train.main(["--model", "vqvae", *common, "--prior-epochs", "1",
                 "--out", str(outputs / "synthetic" / "vqvae")])
     weights = random_inception_weights(tmp / "random_inception.pth")

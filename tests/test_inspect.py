@@ -21,7 +21,7 @@ def trained(tmp_path_factory):
     root, runs = base / "data", base / "runs"
     data.make_synthetic_category(root, CATEGORY, size=32, n_train=12, n_good_test=3, n_defect_test=3)
     train.main(["--model", "dae", "--category", CATEGORY, "--data-root", str(root), "--size", "32",
-                "--epochs", "2", "--segmenter-epochs", "1", "--batch-size", "8", "--runs", str(runs)])
+                "--epochs", "2", "--batch-size", "8", "--runs", str(runs)])
     return base, root, runs
 
 
@@ -118,7 +118,7 @@ def test_own_category_with_only_good_images_works_end_to_end(tmp_path):
     shutil.copytree(tmp_path / "gen" / "g" / "test" / "blob_or_scratch", new)
     runs = tmp_path / "runs"
     code, _, stderr = run_script("train.py", "--model", "dae", "--category", "parts", "--data-root",
-                                 tmp_path / "data", "--size", "32", "--epochs", "1", "--segmenter-epochs", "1",
+                                 tmp_path / "data", "--size", "32", "--epochs", "1",
                                  "--runs", runs)
     assert code == 0, stderr
     args = ["--class", "parts", "--runs", runs, "--results", tmp_path / "results", "--images", new]

@@ -93,7 +93,7 @@ def digests(folder):
 
 def train_args(root, out, *extra):
     return ["--model", "dae", "--category", CATEGORY, "--data-root", root, "--size", "32",
-            "--epochs", "1", "--segmenter-epochs", "1", "--batch-size", "8", "--val-fraction", "0.25",
+            "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25",
             "--out", out, *extra]
 
 
@@ -142,7 +142,7 @@ def test_overwrite_replaces_the_old_run_entirely(run, tmp_path):
     code, _, stderr = run_script("train.py", *train_args(run.root, folder, "--overwrite", "--seed", "1"))
     assert code == 0, stderr
     assert torch.load(folder / "checkpoint.pt", weights_only=True)["config"]["seed"] == 1
-    assert (folder / "metrics.csv").read_text().count("\n") == 3  # header + this run's epoch of each stage
+    assert (folder / "metrics.csv").read_text().count("\n") == 2  # header + this run's one epoch
     assert all(digests(folder)[name] != old[name] for name in ("checkpoint.pt", "best.pt"))
 
 
@@ -207,7 +207,7 @@ def test_a_recorded_val_file_that_is_gone_stops_every_tool(run, tmp_path, tool):
         result = run_script("evaluate.py", "--category", CATEGORY, "--outputs", outputs, "--data-root", root,
                             "--no-generation", "--lpips-random-backbone")
     else:
-        result = run_script("train.py", *train_args(root, folder, "--resume", "--segmenter-epochs", "2"))
+        result = run_script("train.py", *train_args(root, folder, "--resume", "--epochs", "2"))
     line = error_line(result)
     assert f"of the 3 val images recorded in the checkpoint, 1 missing ({gone})" in line
     assert "restore them, or train a new model" in line
@@ -240,9 +240,9 @@ def test_resume_continues_on_the_recorded_split_and_says_what_changes(run, tmp_p
     good = root / CATEGORY / "train" / "good"
     shutil.copy(good / "000.png", good / "100.png")  # not part of the run: never used by it
     outputs, folder = copy_outputs(run, tmp_path)
-    code, stdout, stderr = run_script("train.py", *train_args(root, folder, "--resume", "--segmenter-epochs", "2"))
+    code, stdout, stderr = run_script("train.py", *train_args(root, folder, "--resume", "--epochs", "2"))
     assert code == 0, stderr
-    assert "note: --resume: --segmenter-epochs 2 (the run had 1) applies from the resumed epoch on" in stdout
+    assert "note: --resume: --epochs 2 (the run had 1) applies from the resumed epoch on" in stdout
     ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
     assert ckpt["split"] == run.ckpt["split"] and ckpt["epoch"] == 1
 
@@ -591,7 +591,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(run, tmp_path, mo
         f.write(b"PK\x03\x04 partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, "save", full_disk)
-    line = error_line(run_script("train.py", *train_args(run.root, folder, "--resume", "--segmenter-epochs", "2")))
+    line = error_line(run_script("train.py", *train_args(run.root, folder, "--resume", "--epochs", "2")))
     assert line == (f"error: could not write '{folder / 'checkpoint.pt'}' (No space left on device); the "
                     "previous 'checkpoint.pt' is kept intact: free disk space, then run again (train.py "
                     "continues from the last saved epoch with --resume)")
@@ -599,10 +599,10 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(run, tmp_path, mo
     assert after["checkpoint.pt"] == before["checkpoint.pt"] and after["best.pt"] == before["best.pt"]
     assert not list(folder.glob("*.tmp"))
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the run continues where it was
-    code, _, stderr = run_script("train.py", *train_args(run.root, folder, "--resume", "--segmenter-epochs", "2"))
+    code, _, stderr = run_script("train.py", *train_args(run.root, folder, "--resume", "--epochs", "2"))
     assert code == 0, stderr
     stage_epochs = [r.split(",")[1:3] for r in (folder / "metrics.csv").read_text().splitlines()[1:]]
-    assert stage_epochs == [["autoencoder", "0"], ["segmenter", "0"], ["segmenter", "1"]]
+    assert stage_epochs == [["autoencoder", "0"], ["autoencoder", "1"]]
 
 
 @pytest.mark.parametrize("script, base", [("train.py", TRAIN_BASE), ("detect.py", DETECT_BASE),
