@@ -54,7 +54,7 @@ from models import MODELS, build_model, load_model
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=data.HelpFormatter)
+                                formatter_class=data.HelpFormatter, allow_abbrev=False)
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--category", default="bottle",
                    help="category to read; a synthetic one is generated if it is not there")

@@ -478,7 +478,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--download", metavar="CATEGORY", help="download MVTec AD and extract CATEGORY")
     p.add_argument("--data-root", default=DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--synthetic", metavar="DIR", help="write a small synthetic category into DIR")

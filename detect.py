@@ -487,7 +487,7 @@ def colour_scale(maps, threshold):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Localise defects of one MVTec AD class from reconstruction error.",
-                                formatter_class=data.HelpFormatter, epilog=EXIT_CODES)
+                                formatter_class=data.HelpFormatter, epilog=EXIT_CODES, allow_abbrev=False)
     add_shared_options(p, "MVTec AD class, e.g. bottle; 'all': every class trained under --runs, "
                           "with results/summary.csv and summary.md")
     p.add_argument("--model", choices=list(MODELS),

@@ -70,7 +70,7 @@ class EvaluationError(Exception):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FID / IS / KID of samples and reconstruction MSE / SSIM / "
                                             "LPIPS of trained models, into one summary table.",
-                                formatter_class=data.HelpFormatter)
+                                formatter_class=data.HelpFormatter, allow_abbrev=False)
     add_shared_options(p, "MVTec AD category, or 'all' for every category with trained models; "
                           "results go to <runs>/eval/ and <runs>/gen_eval_summary.csv")
     p.add_argument("--models", nargs="+", choices=list(MODELS),

@@ -85,7 +85,8 @@ def parse_args(argv=None):
     for name, cls in MODELS.items():
         for stage in cls.stages[1:]:
             later.setdefault(stage, []).append(name)
-    p = Parser(description="Train an autoencoder on one MVTec AD category.", formatter_class=data.HelpFormatter)
+    p = Parser(description="Train an autoencoder on one MVTec AD category.", formatter_class=data.HelpFormatter,
+               allow_abbrev=False)
     p.add_argument("--model", required=True, choices=list(MODELS), help="which model (models.py)")
     add_shared_options(p, "MVTec AD category, e.g. bottle")
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")

@@ -438,6 +438,16 @@ def test_bad_numbers_are_refused_at_parse_time(tmp_path, script, base, flag, val
     assert flag in line and message in line
 
 
+@pytest.mark.parametrize("script, base, abbreviation", [
+    ("detect.py", DETECT_BASE, "--out"),  # train.py's --out, not detect.py's --outputs
+    ("train.py", TRAIN_BASE, "--over"),
+    ("evaluate.py", EVALUATE_BASE, "--no-gen"),
+])
+def test_an_abbreviated_option_is_refused_not_read_as_another(tmp_path, script, base, abbreviation):
+    line = argparse_line(run_script(script, *base, abbreviation, str(tmp_path)), script)
+    assert f"unrecognized arguments: {abbreviation}" in line
+
+
 @pytest.mark.parametrize("model, size, message", [
     ("dae", 4, "image size must be 8 * 2^k >= 16 (e.g. 64, 128, 256), got 4"),
     ("dae", 8, "image size must be 8 * 2^k >= 16 (e.g. 64, 128, 256), got 8"),
