@@ -53,8 +53,7 @@ from models import MODELS, build_model, load_model
 # ----------------------------------------------------------------------------- setup
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=data.HelpFormatter, allow_abbrev=False)
+    p = data.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--category", default="bottle",
                    help="category to read; a synthetic one is generated if it is not there")

@@ -477,9 +477,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return action.help if hidden else super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every script: HelpFormatter, and options spelt in full (an abbreviation such
+    as detect.py --out would otherwise be read silently as another option, --outputs)."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kw)
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
-                                allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--download", metavar="CATEGORY", help="download MVTec AD and extract CATEGORY")
     p.add_argument("--data-root", default=DEFAULT_ROOT, help="folder holding the categories")
     p.add_argument("--synthetic", metavar="DIR", help="write a small synthetic category into DIR")

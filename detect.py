@@ -34,7 +34,6 @@ without ground_truth/ masks gets image metrics only (pixel metrics null). --imag
 results/<class>/inspect/<date-time>/: scores.csv (path, score, verdict, threshold) and one
 <idx>_<name>_viz.png per image.
 """
-import argparse
 import copy
 import csv
 import os
@@ -486,8 +485,8 @@ def colour_scale(maps, threshold):
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Localise defects of one MVTec AD class from reconstruction error.",
-                                formatter_class=data.HelpFormatter, epilog=EXIT_CODES, allow_abbrev=False)
+    p = data.ArgumentParser(description="Localise defects of one MVTec AD class from reconstruction error.",
+                            epilog=EXIT_CODES)
     add_shared_options(p, "MVTec AD class, e.g. bottle; 'all': every class trained under --runs, "
                           "with results/summary.csv and summary.md")
     p.add_argument("--model", choices=list(MODELS),

@@ -22,7 +22,6 @@ or $INCEPTION_WEIGHTS; its SHA-256 is checked. LPIPS needs torchvision's AlexNet
 Numbers from other networks (a test's random Inception, --lpips-random-backbone) are only ever
 written under their own column names (fid_unofficial, ..., lpips_random), never as fid or lpips.
 """
-import argparse
 import csv
 import functools
 import os
@@ -68,9 +67,8 @@ class EvaluationError(Exception):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="FID / IS / KID of samples and reconstruction MSE / SSIM / "
-                                            "LPIPS of trained models, into one summary table.",
-                                formatter_class=data.HelpFormatter, allow_abbrev=False)
+    p = data.ArgumentParser(description="FID / IS / KID of samples and reconstruction MSE / SSIM / "
+                                        "LPIPS of trained models, into one summary table.")
     add_shared_options(p, "MVTec AD category, or 'all' for every category with trained models; "
                           "results go to <runs>/eval/ and <runs>/gen_eval_summary.csv")
     p.add_argument("--models", nargs="+", choices=list(MODELS),

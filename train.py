@@ -69,7 +69,7 @@ def per_model(key):
                      if key in recipe_defaults(cls))
 
 
-class Parser(argparse.ArgumentParser):
+class Parser(data.ArgumentParser):
     """--help ends with every model's constructor defaults. They are read from a default-built
     instance of each model (its config), so only when help is asked for."""
 
@@ -85,8 +85,7 @@ def parse_args(argv=None):
     for name, cls in MODELS.items():
         for stage in cls.stages[1:]:
             later.setdefault(stage, []).append(name)
-    p = Parser(description="Train an autoencoder on one MVTec AD category.", formatter_class=data.HelpFormatter,
-               allow_abbrev=False)
+    p = Parser(description="Train an autoencoder on one MVTec AD category.")
     p.add_argument("--model", required=True, choices=list(MODELS), help="which model (models.py)")
     add_shared_options(p, "MVTec AD category, e.g. bottle")
     p.add_argument("--data-root", default=data.DEFAULT_ROOT, help="folder holding the categories")
