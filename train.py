@@ -12,7 +12,8 @@ Writes to <runs>/<category>/<model>/ (--runs, default outputs; --out names the f
                     the train/val files: name, bytes, SHA-256), written atomically every epoch;
                     --resume continues from it, --overwrite replaces it, nothing else touches it
     best.pt         the epoch with the lowest validation loss of the last stage
-    metrics.csv     one row per epoch: every loss term, validation loss and reconstruction MSE
+    metrics.csv     one row per epoch: every loss term, validation loss and reconstruction MSE,
+                    seconds since the previous row (checkpoint writing included)
     recon.png       validation images (top row) and their reconstructions (bottom row)
     samples.png     draws from the model's prior
 """
@@ -584,8 +585,9 @@ def main(argv=None):
         if resume and stage.index == resume["stage_index"]:
             optimizer.load_state_dict(resume["optimizer_state"])
             stage.epoch, stage.step, stage.best_val = resume["epoch"] + 1, resume["step"], resume["best_val"]
+        clock = time.time()
         while stage.epoch < stage.epochs:
-            t0, seed = time.time(), epoch_seed(args.seed, stage.index, stage.epoch)
+            seed = epoch_seed(args.seed, stage.index, stage.epoch)
             torch.manual_seed(seed + rank)  # synthetic anomalies, dropout, the posterior's noise
             sampler.set_epoch(seed)  # the order of the images
             loader = batches(train.images, sampler, per_rank, device)
@@ -593,7 +595,9 @@ def main(argv=None):
             check_finite(terms, stage.name, stage.epoch)
             if rank == 0:
                 scores = validate(model, val.images, args, stage.name, device)
-                seconds = round(time.time() - t0, 2)
+                # since the previous epoch's seconds, so its checkpoint writes and pictures count
+                # too: the column adds up to the stage's wall time (five images: half of it writing)
+                seconds, clock = round(time.time() - clock, 2), time.time()
                 save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config, split)
                 if (stage.epoch + 1) % 10 == 0 or stage.epoch + 1 == stage.epochs:
                     save_pictures(model, val.images, args.out, args.seed, device)

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -261,6 +262,21 @@ def test_a_keep_last_stage_writes_best_pt_even_when_its_val_loss_rose(tmp_path):
         stage = train.Stage(0, "autoencoder", 2, 1e-3, 1, anomalies=True, keep_last=keep_last, epoch=1, best_val=0.1)
         train.save_epoch(model, optimizer, stage, {}, {"val_loss": 0.2}, 1.0, [], {"model": "dae", "out": tmp_path}, {})
         assert (tmp_path / "best.pt").exists() == keep_last
+
+
+def test_epoch_seconds_count_the_checkpoint_writes(rgb_root, tmp_path, monkeypatch):
+    """The summary's training minutes add up metrics.csv's seconds: writing checkpoints is part
+    of training (on five images it was most of it), so a slow write must show there."""
+    write = train.save_atomic
+
+    def slow_write(obj, path):
+        time.sleep(0.5)
+        write(obj, path)
+    monkeypatch.setattr(train, "save_atomic", slow_write)
+    train.main(["--model", "dae", "--category", "synthetic", "--data-root", str(rgb_root),
+                "--out", str(tmp_path), *FAST, "--epochs", "3"])
+    seconds = [float(r["seconds"]) for r in rows(tmp_path)]
+    assert min(seconds[1:]) >= 1.0  # the previous epoch's checkpoint.pt and best.pt, 0.5 s each
 
 
 def test_stroke_masks_are_thin_curves_inside_the_image():
