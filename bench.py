@@ -141,8 +141,7 @@ def train_config(name, root, category, size, batch_size, device, recipe=True):
 
 def first_stage(model, args, device, steps):
     """train.py's first stage of the model, planned as one epoch of `steps` steps, and its optimizer."""
-    stage = train.Stage(0, model.stages[0], epochs=1, lr=args.lr, steps_per_epoch=steps,
-                        anomalies=model.stages[0] in model.anomaly_stages)
+    stage = train.plan_stages(model, SimpleNamespace(**{**vars(args), "epochs": 1}), steps)[0]
     return stage, train.make_optimizer(model, stage, device)
 
 
