@@ -694,7 +694,8 @@ def trained_classes(args):
 
 
 def training_minutes(ckpt_path):
-    """Sum of the `seconds` column of the run's metrics.csv (every epoch of every stage)."""
+    """Sum of the `seconds` column of the run's metrics.csv (every epoch of every stage, each with
+    the checkpoint writing before it)."""
     try:
         with open(Path(ckpt_path).parent / "metrics.csv", newline="") as f:
             return sum(float(r["seconds"]) for r in csv.DictReader(f)) / 60
