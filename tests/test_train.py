@@ -143,6 +143,23 @@ def test_rotate_turns_each_image_about_its_centre_by_its_own_angle():
     assert not torch.allclose(once[0], once[1])  # every image of a batch gets its own angle
 
 
+def test_shift_moves_each_image_by_its_own_whole_pixel_offset():
+    x = torch.rand(1, 3, 16, 16).expand(64, 3, 16, 16)
+    torch.manual_seed(0)
+    moved = train.shift_randomly(x, 2)
+    padded = torch.nn.functional.pad(x[:1], [2] * 4, mode="reflect")[0]
+    crops = {(r, c): padded[:, r:r + 16, c:c + 16] for r in range(5) for c in range(5)}
+    offsets = [next(k for k, crop in crops.items() if torch.equal(m, crop)) for m in moved]  # StopIteration: no crop
+    assert len(set(offsets)) > 10  # every image its own offset, all 25 within +-2 px possible
+
+
+def test_a_resume_must_keep_the_shift(rgb_root, tmp_path):
+    run_train(rgb_root, "synthetic", tmp_path, "--model", "dae", "--epochs", "1", "--shift", "2")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["shift"] == 2
+    r = run_train(rgb_root, "synthetic", tmp_path, "--model", "dae", "--epochs", "2", "--resume", check=False)
+    assert r.returncode != 0 and "--shift is 1 but the run" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_rotate_is_recorded_and_a_resume_must_keep_it(rgb_root, tmp_path):
     r = run_train(rgb_root, "synthetic", tmp_path, "--model", "dae", "--epochs", "1", "--rotate", "on")
     assert "rotation augmentation on: --rotate on" in r.stdout
@@ -215,6 +232,8 @@ def test_recipe_fills_what_the_command_line_leaves_open():
     assert schedule == (2400, 1e-3, 360, 0.5, 0.5) and args.batch_size == 16
     assert train.parse_args(["--model", "dae", "--category", "bottle"]).batch_size == 8
     assert train.parse_args(["--model", "dae", "--category", "bottle", "--batch-size", "32"]).batch_size == 32
+    assert (args.shift, train.parse_args(["--model", "dae", "--category", "bottle"]).shift) == (0, 1)
+    assert train.parse_args(["--model", "dae", "--category", "bottle", "--shift", "0"]).shift == 0
     assert args.epochs is None and args.prior_epochs is None  # from the steps, once the data is known
     assert train.model_args(args) == {"image_size": 128}  # the model's own defaults for the rest
 
