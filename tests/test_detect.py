@@ -99,6 +99,17 @@ def test_baseline_removes_the_error_every_good_image_has_at_the_same_place():
     assert np.unravel_index(out.argmax(), out.shape) == (8, 8)
 
 
+def test_ssim_far_below_its_baseline_counts_as_anomalous_and_other_maps_do_not():
+    """A surface that errs much less than good parts do there (its texture is gone) is as unusual
+    for ssim as one that errs much more; a segmenter probability below its mean is no evidence."""
+    train = np.full((4, 8, 8), 0.3)
+    test = train[:1].copy()
+    test[0, 2, 2], test[0, 5, 5] = 0.0, 0.5
+    out = detect.subtract_baseline({"ssim": test, "segment": test}, {"ssim": train.mean(0), "segment": train.mean(0)})
+    assert out["ssim"][0, 2, 2] == pytest.approx(0.3) and out["ssim"][0, 5, 5] == pytest.approx(0.2)
+    assert out["segment"][0, 2, 2] == pytest.approx(-0.3) and out["segment"][0, 5, 5] == pytest.approx(0.2)
+
+
 @pytest.fixture(scope="module")
 def trained_dae(rgb_root, tmp_path_factory):
     """A DAE trained 10 epochs (30 steps, about a second) on the synthetic category at 32 px."""
