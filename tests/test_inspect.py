@@ -176,9 +176,10 @@ def test_a_run_trained_on_turned_parts_also_calibrates_on_turned_val_images(setu
     ckpt["config"]["rotate_used"] = True  # as train.py records --rotate on
     torch.save(ckpt, ckpt_path)
     detect_main(root, runs, results, "--no-pictures")
-    assert "threshold rests on 1 val image, scored at 8 angles: turned copies" in capsys.readouterr().out
+    assert "threshold rests on 1 val image, scored at 8 angles and moved 1 px each way: copies" in capsys.readouterr().out
     calibration = torch.load(detect.calibration_path(ckpt_path, "ssim+feature+chroma+segment"), weights_only=True)
-    assert calibration["settings"]["val_turns"] == 8 and len(calibration["val_scores"]) == 8
+    settings = calibration["settings"]
+    assert settings["val_turns"] == 8 and settings["val_moves"] == 1 and len(calibration["val_scores"]) == 8 * 5
     assert calibration["threshold"] == calibration["val_scores"].max()
 
 
@@ -191,3 +192,17 @@ def test_turned_copies_hold_each_image_at_every_angle_the_unturned_first():
     assert (turned[2:4].int() - quarter).abs().max() <= 1
     assert detect.turned_copies(images, 1) is images
     assert detect.val_turns({"rotate_used": True}) == detect.CALIBRATION_TURNS and detect.val_turns({}) == 1
+
+
+def test_moved_copies_hold_each_image_as_it_is_then_one_step_each_way():
+    """A run trained on parts moved by up to `shift` px calibrates on val images moved that far:
+    the images themselves first, then moved up, down, left and right, borders reflected."""
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.int64).view(2, 3, 6, 6).to(torch.uint8)
+    moved = detect.moved_copies(images, 1)
+    assert moved.shape == (10, 3, 6, 6) and moved.dtype == torch.uint8
+    assert torch.equal(moved[:2], images)
+    pairs = {(moved[k][:, 1:-1, 1:-1] == images[k % 2][:, 1 + dr:5 + dr, 1 + dc:5 + dc]).all().item()
+             for k, (dr, dc) in zip(range(2, 10), [(1, 0)] * 2 + [(-1, 0)] * 2 + [(0, 1)] * 2 + [(0, -1)] * 2)}
+    assert pairs == {True}  # each copy's inside is the image one pixel off, in the four directions
+    assert detect.moved_copies(images, 0) is images
+    assert detect.val_moves({"shift": 1}) == 1 and detect.val_moves({}) == 0  # runs from before --shift
