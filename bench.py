@@ -423,7 +423,7 @@ def bench_inspect(name, size, device, split, opts, category):
         model, images, names, device, bs, 8, None, extra=extra if pictures else ()))
     raw = run.maps_of(split.images[:bs])[0]
     baseline = {n: m.mean(0) for n, m in raw.items()}
-    calibration = {"baseline": baseline, "val_maps": detect.subtract_baseline(raw, baseline)}
+    calibration = {"baseline": baseline, "map_stats": detect.map_statistics(detect.subtract_baseline(raw, baseline))}
     args = SimpleNamespace(sigma=4.0, score="max", topk=100, no_pictures=False)
 
     def score(images):

@@ -27,8 +27,9 @@ masks are the pixels above that same threshold, so an image is flagged exactly w
 non-empty. Maps are never normalised by each image's own min and max: that stretches the noise
 of a good image to full scale, so every good image would look defective.
 
-Calibration (baseline map, val maps, threshold) is computed once per checkpoint and setting,
-stored in <checkpoint folder>/calibration/ and reused while every setting it depends on matches.
+Calibration (baseline map, val map statistics, threshold) is computed once per checkpoint and
+setting, stored in <checkpoint folder>/calibration/ and reused while every setting it depends on
+matches.
 
 Writes results/<class>/: metrics.json, scores.csv, roc.png, failures.png, one
 <class>_<defect>_<idx>_viz.png per test image, and maps.npz with --save-maps. A defect type
@@ -196,19 +197,21 @@ def subtract_baseline(maps, baseline):
     return {n: np.abs(m - baseline[n]) if n in TWO_SIDED else m - baseline[n] for n, m in maps.items()}
 
 
-def combine(raw_test, raw_val, names):
-    """One map: each map standardised with its val mean and std (never per image), averaged.
+def map_statistics(val_maps):
+    """Mean and std of each map over the val images: all that combining needs of them, so a
+    calibration stays small however many val images and copies it scored."""
+    return {n: (float(m.mean()), float(m.std())) for n, m in val_maps.items()}
+
+
+def combine(raw, stats, names):
+    """One map: each map standardised with its val mean and std (stats; never per image), averaged.
 
     A map that is constant on the val images carries nothing to standardise (chroma on a grey
     category is zero everywhere) and is left out, so it cannot turn noise into evidence."""
-    informative = [n for n in names if raw_val[n].std() > 0] or names[:1]
+    informative = [n for n in names if stats[n][1] > 0] or names[:1]
     if len(informative) == 1:
-        return raw_test[informative[0]], raw_val[informative[0]]
-
-    def standardise(m, ref):
-        return (m - ref.mean()) / ref.std()
-    return (sum(standardise(raw_test[n], raw_val[n]) for n in informative) / len(informative),
-            sum(standardise(raw_val[n], raw_val[n]) for n in informative) / len(informative))
+        return raw[informative[0]]
+    return sum((raw[n] - stats[n][0]) / stats[n][1] for n in informative) / len(informative)
 
 
 def image_scores(maps, rule, topk):
@@ -223,7 +226,7 @@ def anomaly_map(raw, calibration, names, sigma):
     statistics, smoothed. Calibration and every later image go through exactly this."""
     if calibration["baseline"] is not None:
         raw = subtract_baseline(raw, calibration["baseline"])
-    return smooth(combine(raw, calibration["val_maps"], names)[0], sigma)
+    return smooth(combine(raw, calibration["map_stats"], names), sigma)
 
 
 def detection_metrics(scores, labels, maps, masks, threshold):
@@ -254,9 +257,9 @@ def write_tables(out, metrics, test, scores, maps, masks, save_maps):
 
 
 # ----------------------------------------------------------------------------- calibration
-# What detection derives from the training data (baseline map, val maps, threshold) is computed
-# once per checkpoint and setting and stored beside the checkpoint, in calibration/: mapping the
-# training split again on every run cost the VQ-VAE minutes.
+# What detection derives from the training data (baseline map, val map statistics, threshold) is
+# computed once per checkpoint and setting and stored beside the checkpoint, in calibration/:
+# mapping the training split again on every run cost the VQ-VAE minutes.
 
 def calibration_path(ckpt_path, map_name):
     ckpt_path = Path(ckpt_path)
@@ -328,9 +331,10 @@ def read_calibration(path):
     """The stored calibration, or None when there is none or it cannot be read (then it is
     computed again: it is a cache, never the only copy of anything)."""
     try:
-        return torch.load(path, weights_only=True)
+        stored = torch.load(path, weights_only=True)
     except Exception:  # missing, truncated, from another version: all mean "compute it"
         return None
+    return stored if isinstance(stored, dict) and "map_stats" in stored else None  # older: maps, not stats
 
 
 def compute_calibration(run, args, settings):
@@ -346,7 +350,7 @@ def compute_calibration(run, args, settings):
                                 files=data.split_files(root, category, split, "train"))
         baseline, n_train = {n: m.mean(0) for n, m in run.maps_of(train.images)[0].items()}, len(train)
     calibration = {"settings": settings, "baseline": baseline,
-                   "val_maps": raw if baseline is None else subtract_baseline(raw, baseline),
+                   "map_stats": map_statistics(raw if baseline is None else subtract_baseline(raw, baseline)),
                    "val_files": [Path(p).name for p in val.paths], "train_images": n_train}
     val_maps = anomaly_map(raw, calibration, run.names, args.sigma)
     checks.require_finite(run.ckpt_path, val_maps=val_maps)

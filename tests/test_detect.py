@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -174,10 +175,24 @@ def test_combine_leaves_out_a_map_that_is_constant_on_the_val_images():
     ssim_val, ssim_test = rng.random((3, 8, 8)), rng.random((2, 8, 8))
     raw_val = {"ssim": ssim_val, "chroma": np.zeros((3, 8, 8))}
     raw_test = {"ssim": ssim_test, "chroma": np.zeros((2, 8, 8))}
-    combined_test, combined_val = detect.combine(raw_test, raw_val, ["ssim", "chroma"])
-    np.testing.assert_array_equal(combined_test, ssim_test)
-    np.testing.assert_array_equal(combined_val, ssim_val)
-    both = detect.combine({**raw_test, "l2": 2 * ssim_test}, {**raw_val, "l2": 2 * ssim_val},
-                          ["ssim", "chroma", "l2"])[0]
+    stats = detect.map_statistics(raw_val)
+    np.testing.assert_array_equal(detect.combine(raw_test, stats, ["ssim", "chroma"]), ssim_test)
+    with_l2 = detect.map_statistics({**raw_val, "l2": 2 * ssim_val})
+    both = detect.combine({**raw_test, "l2": 2 * ssim_test}, with_l2, ["ssim", "chroma", "l2"])
     expected = (ssim_test - ssim_val.mean()) / ssim_val.std()
     np.testing.assert_allclose(both, expected)
+
+
+def test_a_calibration_keeps_the_val_maps_statistics_not_the_maps():
+    """Its size must not grow with the val images and their copies."""
+    val = {"ssim": np.arange(12.0).reshape(3, 2, 2)}
+    assert detect.map_statistics(val) == {"ssim": (5.5, float(np.arange(12.0).std()))}
+
+
+def test_a_stored_calibration_from_before_the_statistics_is_computed_again(tmp_path):
+    """Older calibrations kept the val maps themselves: reading one must not fail later."""
+    path = tmp_path / "best_ssim.pt"
+    torch.save({"settings": {}, "val_maps": {"ssim": torch.zeros(2, 4, 4)}}, path)
+    assert detect.read_calibration(path) is None
+    torch.save({"settings": {}, "map_stats": {"ssim": (0.0, 1.0)}}, path)
+    assert detect.read_calibration(path)["map_stats"] == {"ssim": (0.0, 1.0)}

@@ -176,7 +176,8 @@ def test_a_run_trained_on_turned_parts_also_calibrates_on_turned_val_images(setu
     ckpt["config"]["rotate_used"] = True  # as train.py records --rotate on
     torch.save(ckpt, ckpt_path)
     detect_main(root, runs, results, "--no-pictures")
-    assert "threshold rests on 1 val image, scored at 8 angles and moved 1 px each way: copies" in capsys.readouterr().out
+    warning = "threshold rests on 1 val image, scored at 8 angles and moved 1 px each way: copies"
+    assert warning in capsys.readouterr().out
     calibration = torch.load(detect.calibration_path(ckpt_path, "ssim+feature+chroma+segment"), weights_only=True)
     settings = calibration["settings"]
     assert settings["val_turns"] == 8 and settings["val_moves"] == 1 and len(calibration["val_scores"]) == 8 * 5
