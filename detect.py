@@ -58,7 +58,7 @@ import checks  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 from models import MODELS  # noqa: E402
-from train import add_shared_options, pick_device, rotate, run_dir, trained_checkpoint  # noqa: E402
+from train import add_shared_options, move, pick_device, rotate, run_dir, trained_checkpoint  # noqa: E402
 
 
 class DetectError(Exception):
@@ -298,13 +298,12 @@ def val_moves(cfg):
 
 def moved_copies(images, step):
     """(N, C, S, S) -> (5N, C, S, S): the images as they are, then moved by `step` whole pixels
-    up, down, left and right, the uncovered border filled by reflection as in training."""
+    up, down, left and right, by training's own move (reflection-filled)."""
     if step == 0:
         return images
-    size = images.shape[-1]
-    padded = torch.nn.functional.pad(images.float(), [step] * 4, mode="reflect").to(images.dtype)
-    offsets = [(step, step), (2 * step, step), (0, step), (step, 2 * step), (step, 0)]  # rows, cols
-    return torch.cat([padded[..., r:r + size, c:c + size] for r, c in offsets])
+    offsets = [(0, 0), (step, 0), (-step, 0), (0, step), (0, -step)]  # (rows, cols), each for all N
+    rows, cols = ([o[k] for o in offsets for _ in images] for k in (0, 1))
+    return move(images.float().repeat(len(offsets), 1, 1, 1), rows, cols, step).to(images.dtype)
 
 
 def val_copies(images, settings):

@@ -396,14 +396,20 @@ def rotate_randomly(x):
     return rotate(x, torch.rand(len(x), device=x.device) * 2 * math.pi)
 
 
+def move(x, rows, cols, max_shift):
+    """Each image of x (B, C, S, S) moved by its own whole-pixel offset (rows[i], cols[i], each in
+    [-max_shift, max_shift]; positive: the content moves up / left), the uncovered border filled
+    by reflection. Whole pixels keep the images as sharp as they are; a sub-pixel shift would
+    blur them."""
+    size, m = x.shape[-1], max_shift
+    padded = F.pad(x, [m] * 4, mode="reflect")
+    return torch.stack([p[:, m + r:m + r + size, m + c:m + c + size] for p, r, c in zip(padded, rows, cols)])
+
+
 def shift_randomly(x, max_shift):
-    """Each image of x (B, C, S, S) moved by its own whole-pixel offset in [-max_shift, max_shift]
-    along each axis, the uncovered border filled by reflection. Whole pixels keep the images as
-    sharp as they are; a sub-pixel shift would blur them."""
-    size = x.shape[-1]
-    padded = F.pad(x, [max_shift] * 4, mode="reflect")
-    rows, cols = torch.randint(0, 2 * max_shift + 1, (2, len(x))).tolist()
-    return torch.stack([p[:, r:r + size, c:c + size] for p, r, c in zip(padded, rows, cols)])
+    """Each image of x moved by its own random offset in [-max_shift, max_shift] along each axis."""
+    rows, cols = (torch.randint(0, 2 * max_shift + 1, (2, len(x))) - max_shift).tolist()
+    return move(x, rows, cols, max_shift)
 
 
 # auto-rotation: measured on metal_nut (parts at random angles, DAE): 5 training images 0.615 ->
