@@ -381,14 +381,20 @@ def backward_step(optimizer, total):
     optimizer.step()
 
 
+def turn_grid(angle, shape, dtype=torch.float32):
+    """Where each output pixel of a turn about the image centre by angle (B,) radians reads its
+    input, as grid_sample coordinates (B, S, S, 2) in [-1, 1] inside the picture, beyond it outside."""
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    # affine_grid maps output to input coordinates: [[cos, -sin, 0], [sin, cos, 0]]
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    return F.affine_grid(theta.to(dtype), list(shape), align_corners=False)
+
+
 def rotate(x, angle):
     """Each image of x (B, C, S, S) turned about its centre by its angle (B,) in radians,
     counter-clockwise as displayed; the corners are filled by reflection, so the model never sees
     black wedges that test images lack."""
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-    # affine_grid maps output to input coordinates: [[cos, -sin, 0], [sin, cos, 0]]
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    grid = turn_grid(angle, x.shape, x.dtype)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 

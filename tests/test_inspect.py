@@ -3,6 +3,7 @@ and over every trained class (--class all), on a tiny synthetic category."""
 import csv
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,6 +194,31 @@ def test_turned_copies_hold_each_image_at_every_angle_the_unturned_first():
     assert (turned[2:4].int() - quarter).abs().max() <= 1
     assert detect.turned_copies(images, 1) is images
     assert detect.val_turns({"rotate_used": True}) == detect.CALIBRATION_TURNS and detect.val_turns({}) == 1
+
+
+def test_turned_copies_are_shown_everywhere_but_the_corners_a_turn_brings_in():
+    """Quarter turns show the whole image; an eighth turn fills its four corners from outside the
+    picture (a square turned by 45 degrees covers 2 (sqrt 2 - 1) = 83 % of the frame)."""
+    shown = detect.shown_in_copies(2, 32, {"val_turns": 8, "val_moves": 0})
+    assert shown.shape == (16, 32, 32) and shown.dtype == torch.bool
+    assert shown.view(8, 2, 32, 32)[0::2].all()  # angle-major; k = 0, 2, 4, 6: multiples of 90 degrees
+    eighth = shown[2]
+    assert not eighth[0, 0] and not eighth[-1, -1] and eighth[16, 16] and eighth[0, 16] and eighth[16, 0]
+    assert abs(eighth.float().mean().item() - 2 * (2 ** 0.5 - 1)) < 0.03
+    moved = detect.shown_in_copies(2, 32, {"val_turns": 8, "val_moves": 1})
+    assert moved.shape == (80, 32, 32) and torch.equal(moved[:16], shown)  # copies in val_copies' order
+    assert detect.shown_in_copies(3, 32, {"val_turns": 1, "val_moves": 1}).all()  # no turn, nothing filled
+
+
+def test_a_copy_scores_only_where_it_shows_its_own_image():
+    """Whatever a turned copy's filled corners hold, its score comes from the rest of it."""
+    shown = detect.shown_in_copies(1, 32, {"val_turns": 8, "val_moves": 0}).numpy()
+    maps = np.random.default_rng(0).random((8, 32, 32)).astype(np.float32)
+    maps_with_bright_corners = np.where(shown, maps, 100.0)
+    scores = detect.copy_scores(maps_with_bright_corners, shown, "max", 0)
+    assert scores.max() < 1 and np.array_equal(scores, detect.copy_scores(maps, shown, "max", 0))
+    assert np.array_equal(detect.copy_scores(maps, np.ones_like(shown), "topk", 10),
+                          detect.image_scores(maps, "topk", 10))
 
 
 def test_moved_copies_hold_each_image_as_it_is_then_one_step_each_way():
