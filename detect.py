@@ -318,9 +318,9 @@ def val_copies(images, settings):
 
 # A turn that is not a multiple of 90 degrees brings the corners of a copy in from outside the
 # picture, filled by reflection with pieces of the part (ghost lobes of a nut); no camera shows
-# those, yet on 33 metal_nut images they set the threshold (6.02; the copies' shown parts at most
-# 2.69): 32 of 93 defects passed. So a copy's score is read only where it shows its own image: 4 of 22 good nuts
-# flagged, 1 of 93 defects passed; five images unchanged (RESULTS.md).
+# those, yet on 33 metal_nut images they set the threshold (6.02; the copies' shown parts at
+# most 2.69): 32 of 93 defects passed. So a copy's score is read only where it shows its own
+# image: 4 of 22 good nuts flagged, 1 of 93 defects passed; five images unchanged (RESULTS.md).
 def shown_in_copies(n, size, settings):
     """(copies, S, S) bool in val_copies' order: True where a copy shows its own image."""
     turns = settings["val_turns"]
