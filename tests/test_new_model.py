@@ -17,8 +17,9 @@ class TinyAE(models.AutoEncoder):
     everything, then the decoder alone, then the encoder alone."""
 
     stages = ("autoencoder", "decoder", "encoder")
-    # 3 steps per epoch on the fixture (22 train images, batch 8): 3, 2 and 1 epochs
-    recipe = dict(models.AutoEncoder.recipe, steps=9, lr=3e-3, decoder_steps=6, encoder_steps=3)
+    # 3 steps per pass on the fixture (22 train images, batch 8), 6 passes (18 steps) per epoch
+    # (train.MIN_EPOCH_STEPS): 3, 2 and 1 epochs
+    recipe = dict(models.AutoEncoder.recipe, steps=54, lr=3e-3, decoder_steps=36, encoder_steps=18)
 
     def __init__(self, image_size=64, width=8, **objective):
         super().__init__(**objective)

@@ -256,13 +256,30 @@ def test_an_option_the_model_does_not_take_is_a_clear_error(rgb_root, tmp_path):
 
 
 def test_recipe_steps_become_whole_epochs_of_the_training_set_unless_epochs_are_given():
-    """Training time stays the same for a larger category, and a tiny one still gets its updates."""
+    """Training time stays the same for a larger category, and a tiny one still gets its updates,
+    in epochs of several passes over its images, so that it is not spent validating and writing
+    checkpoints; given epochs are single passes."""
     args = train.parse_args(["--model", "savae", "--category", "bottle", "--prior-epochs", "7"])
     model = models.MODELS["savae"]()
-    bottle, metal_nut, five_images = (train.plan_stages(model, args, n) for n in (12, 13, 1))
-    assert [s.epochs for s in bottle] == [200, 7] and [s.total_steps for s in bottle] == [2400, 84]
-    assert metal_nut[0].epochs == 185 and metal_nut[0].total_steps >= 2400
-    assert five_images[0].epochs == 2400
+    bottle, metal_nut, thirty, five = (train.plan_stages(model, args, n) for n in (24, 25, 4, 1))
+    assert [s.epochs for s in bottle] == [100, 7] and [s.total_steps for s in bottle] == [2400, 168]
+    assert [s.passes for s in bottle + metal_nut] == [1] * 4 and metal_nut[0].epochs == 96
+    assert (thirty[0].passes, thirty[0].steps_per_epoch, thirty[0].epochs) == (4, 16, 150)
+    assert (five[0].passes, five[0].steps_per_epoch, five[0].epochs) == (16, 16, 150)
+    assert five[1].epochs == 7 and five[1].passes == 1 and five[1].total_steps == 7
+    args.prior_epochs, args.prior_steps = None, 5  # a stage shorter than an epoch: one epoch of its steps
+    assert (train.plan_stages(model, args, 1)[1].epochs, train.plan_stages(model, args, 1)[1].total_steps) == (1, 5)
+
+
+def test_an_epoch_of_several_passes_shows_every_image_once_per_pass():
+    images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 2, 2).contiguous()
+    sampler = train.DistributedSampler(range(5), 1, 0, shuffle=True, seed=0)
+    first = [b[:, 0, 0, 0].mul(255).round().long().tolist() for b in train.batches(images, sampler, 2, "cpu", 7, 3)]
+    seen = sum(first, [])
+    assert len(first) == 9 and all(sorted(seen[k:k + 5]) == list(range(5)) for k in (0, 5, 10))
+    assert seen[:5] != seen[5:10] or seen[5:10] != seen[10:]  # each pass shuffled anew
+    again = [b[:, 0, 0, 0].mul(255).round().long().tolist() for b in train.batches(images, sampler, 2, "cpu", 7, 1)]
+    assert sum(again, []) == seen[:5]  # the first pass is the one-pass epoch of the same seed
 
 
 def test_which_stages_get_synthetic_anomalies_and_which_keep_their_last_epoch():
