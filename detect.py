@@ -548,7 +548,11 @@ def viz_names(category, defect_types):
 
 
 def colour_scale(maps, threshold):
-    return float(max(threshold * 1.5, np.percentile(maps, 99.9)))
+    """The error map's colour scale: 0 to twice the threshold, so the threshold sits mid-bar (jet's
+    green), good parts' maps stay blue, and what passes it turns yellow to red (stronger marks
+    saturate). Fixed by the calibration, the same whichever other images a run scores; the run's
+    own maps set it only when the threshold is not positive."""
+    return 2 * threshold if threshold > 0 else float(max(np.percentile(maps, 99.9), 1e-6))
 
 
 # ----------------------------------------------------------------------------- main

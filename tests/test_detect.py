@@ -196,3 +196,12 @@ def test_a_stored_calibration_from_before_the_statistics_is_computed_again(tmp_p
     assert detect.read_calibration(path) is None
     torch.save({"settings": {}, "map_stats": {"ssim": (0.0, 1.0)}}, path)
     assert detect.read_calibration(path)["map_stats"] == {"ssim": (0.0, 1.0)}
+
+
+def test_the_error_maps_colour_scale_puts_the_threshold_mid_bar_whatever_else_is_scored():
+    """Pictures of one calibration stay comparable across runs: one strongly marked image among
+    those scored must not turn every other map dark blue."""
+    calm, with_a_strong_mark = np.ones((4, 8, 8)), np.ones((4, 8, 8))
+    with_a_strong_mark[0] = 80.0
+    assert detect.colour_scale(calm, 3.5) == detect.colour_scale(with_a_strong_mark, 3.5) == 7.0
+    assert detect.colour_scale(with_a_strong_mark, -1.0) == 80.0  # no positive threshold: the maps decide
