@@ -189,6 +189,29 @@ def test_auto_rotation_is_on_only_for_few_parts_at_random_angles():
     assert train.decide_rotation("on", many)[0] and not train.decide_rotation("off", turned_parts(8, False))[0]
 
 
+def round_parts(n, size=32):
+    """n images of one round part seen from above: two soft bright rings, each image with three
+    brighter spots on them at its own angles (the reflections a bottle's rim shows)."""
+    r = torch.linspace(-1, 1, size)
+    radius, angle = torch.hypot(r[:, None], r[None]), torch.atan2(r[:, None], r[None])
+    rings = torch.exp(-((radius - 0.5) / 0.1) ** 2) + torch.exp(-((radius - 0.8) / 0.08) ** 2)
+    spots = torch.rand(n, 3, 1, 1, generator=torch.Generator().manual_seed(0)) * 2 * math.pi
+    near_spot = torch.exp(-(((angle - spots + math.pi) % (2 * math.pi) - math.pi) / 0.15) ** 2).sum(1)
+    part = 0.5 * rings * (1 + 0.3 * near_spot)
+    return (part[:, None].expand(-1, 3, -1, -1) * 255).round().to(torch.uint8)
+
+
+def test_auto_rotation_turns_few_round_parts_but_not_aligned_ones_or_textures():
+    assert train.turn_symmetry(round_parts(8)) > train.SYMMETRIC_CORR
+    on, why = train.decide_rotation("auto", round_parts(8))
+    assert on and "alike at any angle" in why and "only 8 training images" in why
+    assert not train.decide_rotation("auto", round_parts(train.ROTATE_BELOW))[0]  # enough angles already
+    texture = (torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    for aligned in (turned_parts(8, aligned=True), texture):
+        assert train.turn_symmetry(aligned) < train.SYMMETRIC_CORR
+        assert not train.decide_rotation("auto", aligned)[0]
+
+
 @pytest.mark.parametrize("name", ["savae", "vqvae"])
 def test_bf16_autocast_trains_to_finite_losses(rgb_root, tmp_path, name):
     # no SSIM warm-up: the loss of both epochs then has the same terms and weights
