@@ -375,7 +375,8 @@ def compute_calibration(run, args, settings):
                    "map_stats": map_statistics(raw if baseline is None else subtract_baseline(raw, baseline)),
                    "val_files": [Path(p).name for p in val.paths], "train_images": n_train}
     val_maps = anomaly_map(raw, calibration, run.names, args.sigma)
-    checks.require_finite(run.ckpt_path, val_maps=val_maps)
+    # copy c shows val image c % n (val_copies' order): checked per image, so the error counts images
+    checks.require_finite(run.ckpt_path, val_maps=val_maps.reshape(-1, len(val), *val_maps.shape[1:]).swapaxes(0, 1))
     val_scores = copy_scores(val_maps, shown_in_copies(len(val), size, settings).numpy(), args.score, args.topk)
     calibration.update(val_scores=val_scores, threshold=float(val_scores.max()))
     return calibration

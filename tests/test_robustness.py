@@ -381,8 +381,9 @@ def test_non_finite_maps_stop_detect_before_any_result_is_written(run, tmp_path,
         maps, recons, epistemic = real(*args, **kw)
         return {n: np.where(np.arange(len(m))[:, None, None] == 0, np.nan, m) for n, m in maps.items()}, recons, epistemic
     monkeypatch.setattr(detect, "compute_maps", poisoned)
-    # 3 val images, each also scored moved 1 px four ways (the DAE is trained with shift 1): 15 maps
-    with pytest.raises(checks.RunError, match=r"the val maps of 1 of 15 images are not finite \(NaN or inf\)"):
+    # 3 val images, each also scored moved 1 px four ways (the DAE is trained with shift 1): of the
+    # 15 maps only the first is poisoned, which is one of the 3 images
+    with pytest.raises(checks.RunError, match=r"the val maps of 1 of 3 images are not finite \(NaN or inf\)"):
         detect.main([str(a) for a in detect_args(run, tmp_path / "results", "--baseline", "none",
                                                                "--map", "ssim")])
     assert list((tmp_path / "results" / CATEGORY).iterdir()) == []
