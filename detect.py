@@ -341,7 +341,7 @@ def calibration_settings(args, run):
             "topk": args.topk, "mc_passes": args.mc_passes, "seed": args.seed,
             "lpips_backbone": args.lpips_backbone, "val_turns": val_turns(run.cfg),
             "val_moves": val_moves(run.cfg), "two_sided": [n for n in run.names if n in TWO_SIDED],
-            "copies_scored": "where shown"}
+            "copies_scored": "where shown", "turned_by": "bicubic" if val_turns(run.cfg) > 1 else None}
 
 
 def what_changed(old, new):

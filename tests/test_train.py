@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT
 import models
@@ -141,6 +142,20 @@ def test_rotate_turns_each_image_about_its_centre_by_its_own_angle():
     torch.manual_seed(0)
     once = train.rotate_randomly(x[:1].expand(4, 3, 16, 16))
     assert not torch.allclose(once[0], once[1])  # every image of a batch gets its own angle
+
+
+def test_a_turn_keeps_the_detail_a_model_should_learn_to_copy():
+    """Turned by 23 degrees and back, fine detail keeps 90 % of its gradient (bicubic; a bilinear
+    turn keeps 65 %, and a model trained on blurred parts learns to copy blur)."""
+    x = F.avg_pool2d(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)), 3, 1, 1)
+    angle = torch.full((4,), 0.4)
+    back = train.rotate(train.rotate(x, angle), -angle)
+    centre = slice(16, 48)  # away from the corners the turn fills by reflection
+    detail = lambda z: (z[..., centre, 1:] - z[..., centre, :-1]).abs().mean()
+    assert detail(back) / detail(x) > 0.85
+    black_and_white = (torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    turned = train.rotate_randomly(black_and_white)
+    assert turned.min() >= 0 and turned.max() <= 1  # bicubic overshoots at sharp edges; clamped
 
 
 def test_shift_moves_each_image_by_its_own_whole_pixel_offset():
