@@ -341,12 +341,15 @@ def calibration_settings(args, run):
             "topk": args.topk, "mc_passes": args.mc_passes, "seed": args.seed,
             "lpips_backbone": args.lpips_backbone, "val_turns": val_turns(run.cfg),
             "val_moves": val_moves(run.cfg), "two_sided": [n for n in run.names if n in TWO_SIDED],
-            "copies_scored": "where shown", "turned_by": "bicubic" if val_turns(run.cfg) > 1 else None}
+            "copies_scored": "where shown",
+            # turned copies were bilinear before: their calibrations recompute, the others stay
+            **({"turned_by": "bicubic"} if val_turns(run.cfg) > 1 else {})}
 
 
 def what_changed(old, new):
-    return ", ".join("the checkpoint file changed" if k == "checkpoint_sha256" else f"{k} {old.get(k)} -> {new[k]}"
-                     for k in new if old.get(k) != new[k])
+    keys = list(new) + [k for k in old if k not in new]
+    return ", ".join("the checkpoint file changed" if k == "checkpoint_sha256" else f"{k} {old.get(k)} -> {new.get(k)}"
+                     for k in keys if old.get(k) != new.get(k))
 
 
 def read_calibration(path):

@@ -189,6 +189,15 @@ def test_a_calibration_keeps_the_val_maps_statistics_not_the_maps():
     assert detect.map_statistics(val) == {"ssim": (5.5, float(np.arange(12.0).std()))}
 
 
+def test_what_changed_names_settings_added_and_settings_dropped():
+    """A recomputed calibration says why, also when a setting exists on one side only (a run
+    calibrated before turned copies became bicubic has no 'turned_by')."""
+    stored = {"sigma": 4.0, "val_turns": 8}
+    assert detect.what_changed(stored, {"sigma": 4.0, "val_turns": 8, "turned_by": "bicubic"}) == "turned_by None -> bicubic"
+    assert detect.what_changed(stored, {"sigma": 2.0}) == "sigma 4.0 -> 2.0, val_turns 8 -> None"
+    assert detect.what_changed(stored, dict(stored)) == ""
+
+
 def test_a_stored_calibration_from_before_the_statistics_is_computed_again(tmp_path):
     """Older calibrations kept the val maps themselves: reading one must not fail later."""
     path = tmp_path / "best_ssim.pt"

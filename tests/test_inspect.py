@@ -182,6 +182,7 @@ def test_a_run_trained_on_turned_parts_also_calibrates_on_turned_val_images(setu
     calibration = torch.load(detect.calibration_path(ckpt_path, "ssim+feature+chroma+segment"), weights_only=True)
     settings = calibration["settings"]
     assert settings["val_turns"] == 8 and settings["val_moves"] == 1 and len(calibration["val_scores"]) == 8 * 5
+    assert settings["turned_by"] == "bicubic"  # unturned runs have no such setting: theirs stay valid
     assert calibration["threshold"] == calibration["val_scores"].max()
 
 
