@@ -408,8 +408,8 @@ def rotate(x, angle):
     counter-clockwise as displayed; the corners are filled by reflection, so the model never sees
     black wedges that test images lack. Bicubic: a bilinear turn blurs (bottles turned and turned
     back keep 86 % of their gradient, bicubic 101 %), and a model trained on blurred parts learns
-    to copy blur (33 metal_nut images: bilinear 0.983 / 0.876, bicubic 0.993 / 0.885 image / pixel
-    AUROC)."""
+    to copy blur (33 metal_nut images, two splits: image AUROC 0.983 -> 0.993 and 0.981 -> 0.992,
+    pixel AUROC 0.876 -> 0.885 and 0.874 -> 0.853)."""
     grid = turn_grid(angle, x.shape, x.dtype)
     return F.grid_sample(x, grid, mode="bicubic", padding_mode="reflection", align_corners=False)
 
