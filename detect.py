@@ -58,8 +58,8 @@ import checks  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 from models import MODELS  # noqa: E402
-from train import (add_shared_options, move, pick_device, rotate, run_dir, trained_checkpoint,  # noqa: E402
-                   turn_grid)
+from train import (TURN_INTERPOLATION, add_shared_options, move, pick_device, rotate, run_dir,  # noqa: E402
+                   trained_checkpoint, turn_grid)
 
 
 class DetectError(Exception):
@@ -343,7 +343,7 @@ def calibration_settings(args, run):
             "val_moves": val_moves(run.cfg), "two_sided": [n for n in run.names if n in TWO_SIDED],
             "copies_scored": "where shown",
             # turned copies were bilinear before: their calibrations recompute, the others stay
-            **({"turned_by": "bicubic"} if val_turns(run.cfg) > 1 else {})}
+            **({"turned_by": TURN_INTERPOLATION} if val_turns(run.cfg) > 1 else {})}
 
 
 def what_changed(old, new):

@@ -403,6 +403,9 @@ def turn_grid(angle, shape, dtype=torch.float32):
     return F.affine_grid(theta.to(dtype), list(shape), align_corners=False)
 
 
+TURN_INTERPOLATION = "bicubic"  # calibrations record it: detect.py recomputes those made otherwise
+
+
 def rotate(x, angle):
     """Each image of x (B, C, S, S) turned about its centre by its angle (B,) in radians,
     counter-clockwise as displayed; the corners are filled by reflection, so the model never sees
@@ -411,7 +414,7 @@ def rotate(x, angle):
     to copy blur (33 metal_nut images, two splits: image AUROC 0.983 -> 0.993 and 0.981 -> 0.992,
     pixel AUROC 0.876 -> 0.885 and 0.874 -> 0.853)."""
     grid = turn_grid(angle, x.shape, x.dtype)
-    return F.grid_sample(x, grid, mode="bicubic", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(x, grid, mode=TURN_INTERPOLATION, padding_mode="reflection", align_corners=False)
 
 
 def rotate_randomly(x):
