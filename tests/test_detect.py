@@ -135,6 +135,7 @@ def test_detect_end_to_end_finds_the_synthetic_defects_and_writes_everything(tra
     # run measured 1.000 / 0.985 / 0.942
     assert metrics["image_auroc"] >= 0.9 and metrics["pixel_auroc"] >= 0.9 and metrics["aupro_0.3"] >= 0.7
     assert metrics["threshold_rule"] == "max of val image scores" and metrics["baseline"] == "train"
+    assert metrics["threshold_set_by"].endswith(".png")
     rows = (out / "scores.csv").read_text().strip().splitlines()
     assert rows[0] == "path,defect_type,label,score,predicted_label" and len(rows) == 1 + 8
     maps = np.load(out / "maps.npz")
@@ -167,6 +168,16 @@ def test_detect_with_mc_dropout_gives_the_same_numbers_twice(rgb_root, tmp_path)
                        cwd=ROOT, check=True, capture_output=True)
         runs.append((results / "synthetic" / "scores.csv").read_text())
     assert runs[0] == runs[1]
+
+
+def test_the_val_image_that_sets_the_threshold_is_named_with_the_next_one():
+    """Copy c shows val image c % n: the name is that of the image whose copies score highest."""
+    calibration = {"val_files": ["a.png", "b.png", "c.png"],  # two copies of each, images in order
+                   "val_scores": np.array([1.0, 2.0, 0.5, 1.5, 6.0, 0.7])}
+    assert list(detect.val_image_scores(calibration)) == [1.5, 6.0, 0.7]
+    assert detect.threshold_source(calibration) == "threshold 6, set by val image b.png (the next, a.png, scores 1.5)"
+    one = {"val_files": ["a.png"], "val_scores": np.array([1.0, 3.0])}
+    assert detect.threshold_source(one) == "threshold 3, set by val image a.png"
 
 
 def test_combine_leaves_out_a_map_that_is_constant_on_the_val_images():
