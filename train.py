@@ -263,6 +263,14 @@ def read_rows_until(path, stage_index, epoch):
                 if (int(r["stage_index"]), int(r["epoch"])) <= (stage_index, epoch)]
 
 
+def time_left(seconds, epochs_run, epochs_left):
+    """How long the stage still needs at the mean pace of the epochs this process ran (their
+    checkpoint writes included): a 2-core CPU without bf16 units takes several times as long as
+    one with them, and the per-epoch bar does not say how many minutes remain."""
+    left = seconds / epochs_run * epochs_left
+    return f"{left / 60:.0f} min left" if left >= 90 else f"{left:.0f} s left"
+
+
 def check_finite(sums, stage, epoch):
     bad = [k for k, v in sums.items() if not math.isfinite(v)]
     if bad:
@@ -674,7 +682,8 @@ def main(argv=None):
         if resume and stage.index == resume["stage_index"]:
             optimizer.load_state_dict(resume["optimizer_state"])
             stage.epoch, stage.step, stage.best_val = resume["epoch"] + 1, resume["step"], resume["best_val"]
-        clock = time.time()
+        clock = started = time.time()
+        epochs_run = 0
         while stage.epoch < stage.epochs:
             seed = epoch_seed(args.seed, stage.index, stage.epoch)
             torch.manual_seed(seed + rank)  # synthetic anomalies, dropout, the posterior's noise
@@ -689,8 +698,10 @@ def main(argv=None):
                 save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config, split)
                 if (stage.epoch + 1) % 10 == 0 or stage.epoch + 1 == stage.epochs:
                     save_pictures(model, val.images, args.out, args.seed, device)
+                epochs_run += 1
+                left = time_left(time.time() - started, epochs_run, stage.epochs - stage.epoch - 1)
                 print(f"{stage.name} epoch {stage.epoch + 1}/{stage.epochs}  " + "  ".join(
-                    f"{k} {v:.4g}" for k, v in {**terms, **scores}.items()) + f"  ({seconds:.1f}s)")
+                    f"{k} {v:.4g}" for k, v in {**terms, **scores}.items()) + f"  ({seconds:.1f}s, {left})")
                 stage.best_val = min(stage.best_val, scores["val_loss"])
             stage.epoch += 1
         resume = None

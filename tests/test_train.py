@@ -2,6 +2,7 @@
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -351,6 +352,20 @@ def test_epoch_seconds_count_the_checkpoint_writes(rgb_root, tmp_path, monkeypat
                 "--out", str(tmp_path), *FAST, "--epochs", "3"])
     seconds = [float(r["seconds"]) for r in rows(tmp_path)]
     assert min(seconds[1:]) >= 1.0  # the previous epoch's checkpoint.pt and best.pt, 0.5 s each
+
+
+def test_time_left_is_the_mean_epoch_pace_times_the_epochs_left():
+    assert train.time_left(70.0, 10, 80) == "9 min left"  # 7 s an epoch, 80 epochs to go
+    assert train.time_left(70.0, 10, 5) == "35 s left"
+    assert train.time_left(70.0, 10, 0) == "0 s left"
+
+
+def test_every_epoch_line_says_how_long_the_stage_still_needs(rgb_root, tmp_path, capsys):
+    train.main(["--model", "dae", "--category", "synthetic", "--data-root", str(rgb_root),
+                "--out", str(tmp_path), *FAST, "--epochs", "2"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if " epoch " in l]
+    assert len(lines) == 2 and all(re.search(r"s, \d+ (s|min) left\)$", l) for l in lines)
+    assert lines[-1].endswith(", 0 s left)")
 
 
 def test_stroke_masks_are_thin_curves_inside_the_image():
