@@ -174,7 +174,8 @@ def test_files(cat):
     every image needs its mask."""
     test = cat / "test"
     if not test.is_dir():
-        raise DatasetError(f"no test folder '{test}'; {LAYOUT_HELP}")
+        raise DatasetError(f"no test folder '{test}' (images without labels: detect.py --images PATH ...); "
+                           f"{LAYOUT_HELP}")
     entries = []
     for defect_dir in sorted(test.iterdir(), key=lambda p: (p.name != "good", p.name)):
         if not defect_dir.is_dir():

@@ -1,4 +1,5 @@
 """data.py: splits, labels, masks, the channel convention and every bad-input error."""
+import shutil
 import subprocess
 import sys
 
@@ -61,6 +62,7 @@ def make_category(tmp_path, name="cat"):
     ("empty_train", "no images in"),
     ("unreadable_image", "cannot read image"),
     ("missing_mask", "has no mask"),
+    ("no_test_folder", r"no test folder .* detect.py --images"),  # a new line's own parts: train/good only
 ])
 def test_bad_input_raises_one_clear_error(tmp_path, breakage, message):
     cat = make_category(tmp_path)
@@ -79,6 +81,8 @@ def test_bad_input_raises_one_clear_error(tmp_path, breakage, message):
         (cat / "test" / "good" / "000.png").write_bytes(b"not a png")
     elif breakage == "missing_mask":
         next((cat / "ground_truth").rglob("*_mask.png")).unlink()
+    elif breakage == "no_test_folder":
+        shutil.rmtree(cat / "test")
     with pytest.raises(data.DatasetError, match=message) as err:
         data.load_split(root, category, split, 16)
     assert "\n" not in str(err.value)
