@@ -424,7 +424,7 @@ def bench_inspect(name, size, device, split, opts, category):
     raw = run.maps_of(split.images[:bs])[0]
     baseline = {n: m.mean(0) for n, m in raw.items()}
     calibration = {"baseline": baseline, "map_stats": detect.map_statistics(detect.subtract_baseline(raw, baseline))}
-    args = SimpleNamespace(sigma=4.0, score="max", topk=100, no_pictures=False)
+    args = detect.parse_args(["--class", category])  # detect.py's defaults: closing, smoothing, score
 
     def score(images):
         scores = detect.score_batch(run, calibration, images, args)[3]

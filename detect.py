@@ -17,8 +17,10 @@ Each map first loses its baseline: the per-pixel mean of that map over the
 training images, the error every good image has at that place (--baseline none keeps it); for
 ssim the distance from it counts either way (TWO_SIDED).
 "a+b" averages maps, each standardised by the mean and std of its values on the val split.
-Every map is smoothed by a Gaussian (--sigma, pixels at the model's resolution); the image score
-is its maximum (or the mean of its top-k pixels).
+The combined map is closed (--close: grey-level dilation, then erosion, by a disc), so marks on
+one defect less than 2 x radius apart join into one, then smoothed by a Gaussian (--sigma; both
+in pixels at the model's resolution); the image score is its maximum (or the mean of its top-k
+pixels).
 
 Threshold: the largest image score among the val images (good images never trained on), each
 also scored turned and moved as the run's training images were (val_copies). With n
@@ -175,6 +177,23 @@ def picture_maps(offered):
     return [n for n in ("epistemic",) if n in offered]
 
 
+# Closing before smoothing. The marks on a large defect can lie apart: a flipped metal_nut is
+# marked along its lobes' edges, and a Gaussian alone spreads them past its outline as much as
+# into it. Closing fills the gaps between marks less than 2 r apart and never reaches past the
+# outer ones; a lone mark keeps its size, so the Gaussian can be narrower (sigma 3, was 4) and
+# thin strokes keep their peak. r 6 and sigma 3, mean of 5 seeds (GPU screen; RESULTS.md),
+# pixel AUROC / AUPRO: metal_nut 0.952 / 0.916 -> 0.956 / 0.926, bottle 0.980 / 0.925 ->
+# 0.981 / 0.930, a grey copy of metal_nut 0.935 / 0.829 -> 0.937 / 0.835 (image AUROC 0.877 ->
+# 0.880), 33 metal_nut images 0.882 / 0.866 -> 0.899 / 0.881.
+def close_gaps(maps, radius):
+    """Grey-level closing of each map (N, H, W) by a disc of `radius` px; 0 leaves them as they are."""
+    if radius <= 0:
+        return maps
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return np.stack([cv2.morphologyEx(m.astype(np.float32), cv2.MORPH_CLOSE, disc, borderType=cv2.BORDER_REFLECT)
+                     for m in maps])
+
+
 def smooth(maps, sigma):
     if sigma <= 0:
         return maps.astype(np.float32)
@@ -222,12 +241,12 @@ def image_scores(maps, rule, topk):
     return np.sort(flat, axis=1)[:, -topk:].mean(1)
 
 
-def anomaly_map(raw, calibration, names, sigma):
+def anomaly_map(raw, calibration, names, args):
     """The one map an image is judged by: baseline subtracted, maps combined with the val
-    statistics, smoothed. Calibration and every later image go through exactly this."""
+    statistics, closed, smoothed. Calibration and every later image go through exactly this."""
     if calibration["baseline"] is not None:
         raw = subtract_baseline(raw, calibration["baseline"])
-    return smooth(combine(raw, calibration["map_stats"], names), sigma)
+    return smooth(close_gaps(combine(raw, calibration["map_stats"], names), args.close), args.sigma)
 
 
 def detection_metrics(scores, labels, maps, masks, threshold):
@@ -337,7 +356,7 @@ def calibration_settings(args, run):
     """Everything a calibration depends on: a stored one is used only when all of it matches."""
     return {"checkpoint_sha256": data.sha256_of(run.ckpt_path),
             "data": str(Path(run.root).resolve() / args.category),
-            "map": args.map, "baseline": args.baseline, "sigma": args.sigma, "score": args.score,
+            "map": args.map, "baseline": args.baseline, "sigma": args.sigma, "close": args.close, "score": args.score,
             "topk": args.topk, "mc_passes": args.mc_passes, "seed": args.seed,
             "lpips_backbone": args.lpips_backbone, "val_turns": val_turns(run.cfg),
             "val_moves": val_moves(run.cfg), "two_sided": [n for n in run.names if n in TWO_SIDED],
@@ -377,7 +396,7 @@ def compute_calibration(run, args, settings):
     calibration = {"settings": settings, "baseline": baseline,
                    "map_stats": map_statistics(raw if baseline is None else subtract_baseline(raw, baseline)),
                    "val_files": [Path(p).name for p in val.paths], "train_images": n_train}
-    val_maps = anomaly_map(raw, calibration, run.names, args.sigma)
+    val_maps = anomaly_map(raw, calibration, run.names, args)
     # copy c shows val image c % n (val_copies' order): checked per image, so the error counts images
     checks.require_finite(run.ckpt_path, val_maps=val_maps.reshape(-1, len(val), *val_maps.shape[1:]).swapaxes(0, 1))
     val_scores = copy_scores(val_maps, shown_in_copies(len(val), size, settings).numpy(), args.score, args.topk)
@@ -603,7 +622,10 @@ def parse_args(argv=None):
     p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (DAE: segment; "
                    "SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
                    "(default: the model's default_map, printed when the run starts)")
-    p.add_argument("--sigma", type=checks.non_negative_float, default=4.0, help="Gaussian smoothing of the map, pixels")
+    p.add_argument("--sigma", type=checks.non_negative_float, default=3.0, help="Gaussian smoothing of the map, pixels")
+    p.add_argument("--close", type=checks.non_negative_int, default=6,
+                   help="radius (pixels) of the closing before the smoothing, which joins marks on one "
+                        "defect; 0: off")
     p.add_argument("--baseline", choices=["train", "none"], default="train",
                    help="train: subtract from each map the per-pixel mean map of the training images")
     p.add_argument("--score", choices=["max", "topk"], default="max", help="image score from its map")
@@ -679,7 +701,7 @@ def evaluate_test(run, args, out):
           f"at {run.cfg['size']} px, map {args.map}")
     calibration = calibrate(run, args)
     raw, recons, epistemic = run.maps_of(test.images, pictures=not args.no_pictures)
-    maps = anomaly_map(raw, calibration, run.names, args.sigma)
+    maps = anomaly_map(raw, calibration, run.names, args)
     checks.require_finite(run.ckpt_path, test_maps=maps)
     scores = image_scores(maps, args.score, args.topk)
     threshold = args.threshold if args.threshold is not None else calibration["threshold"]
@@ -688,7 +710,7 @@ def evaluate_test(run, args, out):
     n_val = len(calibration["val_files"])
     metrics = {
         "class": args.category, "model": run.name, "checkpoint": run.ckpt_path,
-        "map": args.map, "baseline": args.baseline, "sigma": args.sigma,
+        "map": args.map, "baseline": args.baseline, "sigma": args.sigma, "close": args.close,
         "score": args.score if args.score == "max" else f"top{args.topk}",
         "resolution": run.cfg["size"], "test_images": len(test), "val_images": n_val,
         "threshold_rule": "--threshold" if args.threshold is not None else "max of val image scores",
@@ -734,7 +756,7 @@ def fresh_folder(parent):
 def score_batch(run, calibration, images, args):
     """(maps, reconstructions, epistemic maps, scores) of one batch of uint8 images."""
     raw, recons, epistemic = run.maps_of(images, pictures=not args.no_pictures)
-    maps = anomaly_map(raw, calibration, run.names, args.sigma)
+    maps = anomaly_map(raw, calibration, run.names, args)
     checks.require_finite(run.ckpt_path, image_maps=maps)
     return maps, recons, epistemic, image_scores(maps, args.score, args.topk)
 

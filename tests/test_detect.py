@@ -89,6 +89,22 @@ def test_scores_are_never_normalised_per_image():
     assert scores[0] < 0.05 < scores[1]
 
 
+def test_closing_joins_marks_on_one_defect_and_reaches_no_further():
+    """Two marks 4 px apart (the edges of one large defect) join across the gap with radius 3;
+    nothing outside the pair's extent rises, and a lone mark keeps its size."""
+    maps = np.zeros((2, 24, 24), np.float32)
+    maps[0, 8:16, 4:8] = 1.0
+    maps[0, 8:16, 12:16] = 1.0
+    maps[1, 8:12, 8:12] = 1.0
+    closed = detect.close_gaps(maps, 3)
+    assert (closed[0, 9:15, 4:16] == 1.0).all()  # the gap between the marks is filled (the
+    outside = np.ones((24, 24), bool)                # disc rounds its corners off)
+    outside[8:16, 4:16] = False
+    assert (closed[0][outside] == 0).all()  # and no pixel beyond the pair rises
+    assert (closed[1] == maps[1]).all()
+    assert detect.close_gaps(maps, 0) is maps
+
+
 def test_baseline_removes_the_error_every_good_image_has_at_the_same_place():
     """Good images all err along one edge; once the train mean map is subtracted, a fainter
     defect elsewhere is what stands out."""

@@ -85,12 +85,14 @@ def test_changing_the_map_or_a_setting_or_the_checkpoint_never_reuses_the_calibr
     detect_main(root, runs, results, "--no-pictures", "--map", "l2")  # another map: its own
     assert calibration_line(capsys).startswith("calibration: computed")
     detect_main(root, runs, results, "--no-pictures", "--map", "ssim", "--sigma", "2")
-    assert calibration_line(capsys).startswith("calibration: recomputed (sigma 4.0 -> 2.0)")
+    assert calibration_line(capsys).startswith("calibration: recomputed (sigma 3.0 -> 2.0)")
+    detect_main(root, runs, results, "--no-pictures", "--map", "ssim", "--sigma", "2", "--close", "0")
+    assert calibration_line(capsys).startswith("calibration: recomputed (close 6 -> 0)")
     best = runs / CATEGORY / "dae" / "best.pt"
     ckpt = torch.load(best, weights_only=True)
     ckpt["model_state"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model_state"].items()}
     torch.save(ckpt, best)  # as if trained again
-    detect_main(root, runs, results, "--no-pictures", "--map", "ssim", "--sigma", "2")
+    detect_main(root, runs, results, "--no-pictures", "--map", "ssim", "--sigma", "2", "--close", "0")
     assert calibration_line(capsys).startswith("calibration: recomputed (the checkpoint file changed)")
 
 
