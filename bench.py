@@ -425,6 +425,7 @@ def bench_inspect(name, size, device, split, opts, category):
     baseline = {n: m.mean(0) for n, m in raw.items()}
     calibration = {"baseline": baseline, "map_stats": detect.map_statistics(detect.subtract_baseline(raw, baseline))}
     args = detect.parse_args(["--class", category])  # detect.py's defaults: closing, smoothing, score
+    detect.map_settings(args, model)
 
     def score(images):
         scores = detect.score_batch(run, calibration, images, args)[3]

@@ -19,8 +19,8 @@ ssim the distance from it counts either way (TWO_SIDED).
 "a+b" averages maps, each standardised by the mean and std of its values on the val split.
 The combined map is closed (--close: grey-level dilation, then erosion, by a disc), so marks on
 one defect less than 2 x radius apart join into one, then smoothed by a Gaussian (--sigma; both
-in pixels at the model's resolution); the image score is its maximum (or the mean of its top-k
-pixels).
+in pixels at the model's resolution, each model's own by default); the image score is its
+maximum (or the mean of its top-k pixels).
 
 Threshold: the largest image score among the val images (good images never trained on), each
 also scored turned and moved as the run's training images were (val_copies). With n
@@ -180,11 +180,8 @@ def picture_maps(offered):
 # Closing before smoothing. The marks on a large defect can lie apart: a flipped metal_nut is
 # marked along its lobes' edges, and a Gaussian alone spreads them past its outline as much as
 # into it. Closing fills the gaps between marks less than 2 r apart and never reaches past the
-# outer ones; a lone mark keeps its size, so the Gaussian can be narrower (sigma 3, was 4) and
-# thin strokes keep their peak. r 6 and sigma 3, mean of 5 seeds (GPU screen; RESULTS.md),
-# pixel AUROC / AUPRO: metal_nut 0.952 / 0.916 -> 0.956 / 0.926, bottle 0.980 / 0.925 ->
-# 0.981 / 0.930, a grey copy of metal_nut 0.935 / 0.829 -> 0.937 / 0.835 (image AUROC 0.877 ->
-# 0.880), 33 metal_nut images 0.882 / 0.866 -> 0.899 / 0.881.
+# outer ones; a lone mark keeps its size, so the Gaussian can be narrower. Each model sets its
+# radius and sigma (models.py: the DAE 6 and 3, the others 0 and 4; measured in RESULTS.md).
 def close_gaps(maps, radius):
     """Grey-level closing of each map (N, H, W) by a disc of `radius` px; 0 leaves them as they are."""
     if radius <= 0:
@@ -622,10 +619,11 @@ def parse_args(argv=None):
     p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (DAE: segment; "
                    "SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
                    "(default: the model's default_map, printed when the run starts)")
-    p.add_argument("--sigma", type=checks.non_negative_float, default=3.0, help="Gaussian smoothing of the map, pixels")
-    p.add_argument("--close", type=checks.non_negative_int, default=6,
+    p.add_argument("--sigma", type=checks.non_negative_float,
+                   help="Gaussian smoothing of the map, pixels (default: the model's own; DAE 3, others 4)")
+    p.add_argument("--close", type=checks.non_negative_int,
                    help="radius (pixels) of the closing before the smoothing, which joins marks on one "
-                        "defect; 0: off")
+                        "defect; 0: off (default: the model's own; DAE 6, others 0)")
     p.add_argument("--baseline", choices=["train", "none"], default="train",
                    help="train: subtract from each map the per-pixel mean map of the training images")
     p.add_argument("--score", choices=["max", "topk"], default="max", help="image score from its map")
@@ -668,6 +666,13 @@ def find_checkpoint(args):
                       f"first: python train.py --model {model} --category {args.category}")
 
 
+def map_settings(args, model):
+    """--map, --close and --sigma: the model's own defaults where they were not given."""
+    args.map = args.map or model.default_map
+    args.close = model.default_close if args.close is None else args.close
+    args.sigma = model.default_sigma if args.sigma is None else args.sigma
+
+
 def load_run(args):
     """The model, its checkpoint, the maps asked for and a maps_of(images) function: all that
     detection needs before it sees any image."""
@@ -678,7 +683,7 @@ def load_run(args):
     checks.check_topk(args.score, args.topk, cfg["size"])
     root = args.data_root or cfg["data_root"]
     data.ensure_category(root, args.category, args.download)
-    args.map = args.map or model.default_map
+    map_settings(args, model)
     names = args.map.split("+")
     allowed = {"lpips"} | model_map_names(model, device)
     if not set(names) <= allowed:
@@ -698,7 +703,7 @@ def evaluate_test(run, args, out):
     """Score test/ against its labels (and masks, where ground_truth/ has them)."""
     test = data.load_split(run.root, args.category, "test", run.cfg["size"])
     print(f"{run.name} ({run.ckpt_path}): {len(test)} test / {run.n_val} val images "
-          f"at {run.cfg['size']} px, map {args.map}")
+          f"at {run.cfg['size']} px, map {args.map}, closing {args.close} px, sigma {args.sigma:g} px")
     calibration = calibrate(run, args)
     raw, recons, epistemic = run.maps_of(test.images, pictures=not args.no_pictures)
     maps = anomaly_map(raw, calibration, run.names, args)
@@ -765,7 +770,7 @@ def inspect_images(run, args, paths, out):
     """Score new, unlabelled images: scores.csv, one picture each, a one-line summary. Decoding
     runs in threads ahead of the model; pictures are drawn only once every score is written."""
     print(f"{run.name} ({run.ckpt_path}): {len(paths)} images / {run.n_val} val images "
-          f"at {run.cfg['size']} px, map {args.map}")
+          f"at {run.cfg['size']} px, map {args.map}, closing {args.close} px, sigma {args.sigma:g} px")
     calibration = calibrate(run, args)
     threshold = args.threshold if args.threshold is not None else calibration["threshold"]
     kept = {"images": [], "recons": [], "maps": [], "epistemic": []}

@@ -258,6 +258,8 @@ class AutoEncoder(nn.Module):
                            their val loss (a loss on clean val images that does not say which
                            epoch detects best)
         default_map  the anomaly map detect.py uses unless told otherwise (README: Detection)
+        default_close, default_sigma  detect.py's closing radius and Gaussian sigma for that map,
+                     pixels (--close, --sigma)
     and records its constructor arguments in `config`, from which checkpoints rebuild it.
     """
 
@@ -266,6 +268,7 @@ class AutoEncoder(nn.Module):
     last_epoch_stages = ()
     recipe = dict(steps=1200, lr=1e-3, batch_size=16, anomaly_fraction=0.5, shift=0, bf16=False)
     default_map = "ssim"
+    default_close, default_sigma = 0, 4.0
 
     def __init__(self, ssim_weight=1.0, ssim_warmup=0.1, lpips_weight=0.0):
         super().__init__()
@@ -501,6 +504,13 @@ class DAE(LatentVectorAE):
     # 1.000 -> 0.998 (RESULTS.md). feature: bottle pixel AUROC 0.978 -> 0.984 over ssim alone.
     # segment: metal_nut pixel AUROC 0.964 -> 0.979, AUPRO 0.900 -> 0.926; bottle 0.981 -> 0.982
     default_map = "ssim+feature+chroma+segment"
+    # its map marks a large defect in patches (a flipped metal_nut along its lobes' edges): a
+    # closing of radius 6 joins them, and a narrower Gaussian keeps thin strokes' peaks. Pixel
+    # AUROC / AUPRO, mean of 5 seeds: metal_nut 0.952 / 0.916 -> 0.956 / 0.926, bottle 0.980 /
+    # 0.925 -> 0.981 / 0.930, grey copy of metal_nut 0.935 / 0.829 -> 0.937 / 0.835 (image AUROC
+    # 0.877 -> 0.880), 33 metal_nut images 0.882 / 0.866 -> 0.899 / 0.881. The VAEs' smoother
+    # maps lose by it (beta_vae metal_nut image AUROC 0.658 -> 0.628; RESULTS.md)
+    default_close, default_sigma = 6, 3.0
 
     def __init__(self, latent_dim=2048, bottleneck="spatial", **kw):
         super().__init__(latent_dim=latent_dim, bottleneck=bottleneck, **kw)

@@ -105,6 +105,19 @@ def test_closing_joins_marks_on_one_defect_and_reaches_no_further():
     assert detect.close_gaps(maps, 0) is maps
 
 
+def test_each_model_brings_its_own_map_closing_and_smoothing_unless_told_otherwise():
+    from models import MODELS
+    args = detect.parse_args(["--class", "x"])
+    detect.map_settings(args, MODELS["dae"])
+    assert (args.map, args.close, args.sigma) == (MODELS["dae"].default_map, 6, 3.0)
+    args = detect.parse_args(["--class", "x"])
+    detect.map_settings(args, MODELS["beta_vae"])
+    assert (args.close, args.sigma) == (0, 4.0)
+    args = detect.parse_args(["--class", "x", "--close", "0", "--sigma", "2"])
+    detect.map_settings(args, MODELS["dae"])
+    assert (args.close, args.sigma) == (0, 2.0)
+
+
 def test_baseline_removes_the_error_every_good_image_has_at_the_same_place():
     """Good images all err along one edge; once the train mean map is subtracted, a fainter
     defect elsewhere is what stands out."""
