@@ -699,11 +699,15 @@ def load_run(args):
                            maps_of=maps_of, n_val=len(split["val"]), name=ckpt["model_name"])
 
 
+def map_line(run, args):
+    """How the run's maps are made, for the first line a run prints."""
+    return f"at {run.cfg['size']} px, map {args.map}, closing {args.close} px, sigma {args.sigma:g} px"
+
+
 def evaluate_test(run, args, out):
     """Score test/ against its labels (and masks, where ground_truth/ has them)."""
     test = data.load_split(run.root, args.category, "test", run.cfg["size"])
-    print(f"{run.name} ({run.ckpt_path}): {len(test)} test / {run.n_val} val images "
-          f"at {run.cfg['size']} px, map {args.map}, closing {args.close} px, sigma {args.sigma:g} px")
+    print(f"{run.name} ({run.ckpt_path}): {len(test)} test / {run.n_val} val images {map_line(run, args)}")
     calibration = calibrate(run, args)
     raw, recons, epistemic = run.maps_of(test.images, pictures=not args.no_pictures)
     maps = anomaly_map(raw, calibration, run.names, args)
@@ -769,8 +773,7 @@ def score_batch(run, calibration, images, args):
 def inspect_images(run, args, paths, out):
     """Score new, unlabelled images: scores.csv, one picture each, a one-line summary. Decoding
     runs in threads ahead of the model; pictures are drawn only once every score is written."""
-    print(f"{run.name} ({run.ckpt_path}): {len(paths)} images / {run.n_val} val images "
-          f"at {run.cfg['size']} px, map {args.map}, closing {args.close} px, sigma {args.sigma:g} px")
+    print(f"{run.name} ({run.ckpt_path}): {len(paths)} images / {run.n_val} val images {map_line(run, args)}")
     calibration = calibrate(run, args)
     threshold = args.threshold if args.threshold is not None else calibration["threshold"]
     kept = {"images": [], "recons": [], "maps": [], "epistemic": []}
