@@ -377,3 +377,11 @@ def test_stroke_masks_are_thin_curves_inside_the_image():
     rows = masks.amax(3)[:, 0].sum(1)
     cols = masks.amax(2)[:, 0].sum(1)
     assert (masks.flatten(1).sum(1) < 0.5 * rows * cols).float().mean() > 0.5  # mostly not filled boxes
+
+
+def test_blob_masks_cover_the_share_asked_of_each_image():
+    torch.manual_seed(0)
+    coverage = torch.tensor([0.01, 0.05, 0.1, 0.5])
+    masks = train.smooth_noise_masks(4, 64, coverage)
+    assert masks.shape == (4, 1, 64, 64) and set(masks.unique().tolist()) == {0.0, 1.0}
+    assert torch.allclose(masks.flatten(1).mean(1), coverage, atol=1 / 64 ** 2)  # to the pixel
