@@ -18,9 +18,9 @@ training images, the error every good image has at that place (--baseline none k
 ssim the distance from it counts either way (TWO_SIDED).
 "a+b" averages maps, each standardised by the mean and std of its values on the val split.
 The combined map is closed (--close: grey-level dilation, then erosion, by a disc), so marks on
-one defect less than 2 x radius apart join into one, then smoothed by a Gaussian (--sigma; both
-in pixels at the model's resolution, each model's own by default); the image score is its
-maximum (or the mean of its top-k pixels).
+one defect less than 2 x radius apart join into one, and what the marks enclose is filled; then
+it is smoothed by a Gaussian (--sigma; both in pixels at the model's resolution, each model's
+own by default); the image score is its maximum (or the mean of its top-k pixels).
 
 Threshold: the largest image score among the val images (good images never trained on), each
 also scored turned and moved as the run's training images were (val_copies). With n
@@ -177,18 +177,37 @@ def picture_maps(offered):
     return [n for n in ("epistemic",) if n in offered]
 
 
-# Closing before smoothing. The marks on a large defect can lie apart: a flipped metal_nut is
-# marked along its lobes' edges, and a Gaussian alone spreads them past its outline as much as
-# into it. Closing fills the gaps between marks less than 2 r apart and never reaches past the
-# outer ones; a lone mark keeps its size, so the Gaussian can be narrower. Each model sets its
-# radius and sigma (models.py: the DAE 6 and 3, the others 0 and 4; measured in RESULTS.md).
+# Closing and filling before smoothing. The marks on a large defect can lie apart: a flipped
+# metal_nut is marked along its lobes' edges, and a Gaussian alone spreads them past its outline
+# as much as into it. Closing fills the gaps between marks less than 2 r apart; filling then
+# raises what the marks enclose, however wide, to the lowest mark around it. Neither reaches
+# past the outer marks, and a lone mark keeps its size, so the Gaussian can be narrower. Each
+# model sets its radius and sigma (models.py: the DAE 6 and 3, the others 0 and 4; RESULTS.md).
+def fill_holes(m):
+    """Grey-level hole filling of one map (H, W): each basin the border cannot reach without
+    climbing rises to the lowest rim around it (reconstruction by erosion from the border). A map
+    with a NaN or an infinity is returned as it is (a NaN never lets the loop settle;
+    require_finite then reports it)."""
+    if not np.isfinite(m).all():
+        return m
+    marker = np.full_like(m, m.max())
+    marker[[0, -1]], marker[:, [0, -1]] = m[[0, -1]], m[:, [0, -1]]
+    square = np.ones((3, 3), np.uint8)
+    while True:
+        grown = np.maximum(cv2.erode(marker, square), m)
+        if np.array_equal(grown, marker):
+            return grown
+        marker = grown
+
+
 def close_gaps(maps, radius):
-    """Grey-level closing of each map (N, H, W) by a disc of `radius` px; 0 leaves them as they are."""
+    """Grey-level closing of each map (N, H, W) by a disc of `radius` px, then its holes filled;
+    0 leaves them as they are."""
     if radius <= 0:
         return maps
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    return np.stack([cv2.morphologyEx(m.astype(np.float32), cv2.MORPH_CLOSE, disc, borderType=cv2.BORDER_REFLECT)
-                     for m in maps])
+    return np.stack([fill_holes(cv2.morphologyEx(m.astype(np.float32), cv2.MORPH_CLOSE, disc,
+                                                 borderType=cv2.BORDER_REFLECT)) for m in maps])
 
 
 def smooth(maps, sigma):
@@ -623,7 +642,8 @@ def parse_args(argv=None):
                    help="Gaussian smoothing of the map, pixels (default: the model's own; DAE 3, others 4)")
     p.add_argument("--close", type=checks.non_negative_int,
                    help="radius (pixels) of the closing before the smoothing, which joins marks on one "
-                        "defect; 0: off (default: the model's own; DAE 6, others 0)")
+                        "defect, after which what they enclose is filled; 0: neither (default: the "
+                        "model's own; DAE 6, others 0)")
     p.add_argument("--baseline", choices=["train", "none"], default="train",
                    help="train: subtract from each map the per-pixel mean map of the training images")
     p.add_argument("--score", choices=["max", "topk"], default="max", help="image score from its map")

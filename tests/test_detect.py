@@ -105,6 +105,24 @@ def test_closing_joins_marks_on_one_defect_and_reaches_no_further():
     assert detect.close_gaps(maps, 0) is maps
 
 
+def test_filling_raises_what_marks_enclose_to_their_lowest_rim_and_nothing_open():
+    """A ring of marks (a wrong whole part marked along its outline) is filled inside, up to the
+    ring's lowest mark; a ring open to the border is a bay, not a hole, and stays as it is."""
+    ring = np.zeros((16, 16), np.float32)
+    ring[3:13, 3:13] = 2.0
+    ring[3:5, 8] = 1.5  # the lowest pass through the rim
+    ring[5:11, 5:11] = 0.0  # the inside, 0 like the outside
+    filled = detect.fill_holes(ring)
+    assert (filled[5:11, 5:11] == 1.5).all()
+    assert (filled[:3] == 0).all() and (filled[:, :3] == 0).all()  # the outside stays
+    bay = ring.copy()
+    bay[3:5, 7:9] = 0.0
+    bay[0:3, 7:9] = 0.0  # a channel from the inside to the border
+    assert (detect.fill_holes(bay) == bay).all()
+    ring[0, 0] = np.nan  # left for the finiteness check to report, not looped over forever
+    assert detect.fill_holes(ring) is ring
+
+
 def test_each_model_brings_its_own_map_closing_and_smoothing_unless_told_otherwise():
     from models import MODELS
     args = detect.parse_args(["--class", "x"])
