@@ -259,7 +259,8 @@ def image_scores(maps, rule, topk):
 
 def anomaly_map(raw, calibration, names, args):
     """The one map an image is judged by: baseline subtracted, maps combined with the val
-    statistics, closed, smoothed. Calibration and every later image go through exactly this."""
+    statistics, closed and filled (close_gaps), smoothed. Calibration and every later image go
+    through exactly this."""
     if calibration["baseline"] is not None:
         raw = subtract_baseline(raw, calibration["baseline"])
     return smooth(close_gaps(combine(raw, calibration["map_stats"], names), args.close), args.sigma)
