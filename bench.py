@@ -302,7 +302,7 @@ def phase_breakdown(model, images, args, device, steps, warmup):
     for i in range(warmup + steps):
         marks = [time.perf_counter()]
         x = data.to_float(images[next(batches)], device)
-        inputs = train.add_synthetic_anomalies(x, args.anomaly_fraction)
+        inputs = train.add_synthetic_anomalies(x, args.anomaly_fraction, moved=args.moved_share)
         sync(device), marks.append(time.perf_counter())
         total = model(inputs, target=x)[0]
         sync(device), marks.append(time.perf_counter())

@@ -135,6 +135,51 @@ def test_synthetic_anomalies_keep_grey_images_grey():
     assert not torch.equal(y, grey) and torch.equal(y[:, :1].expand_as(y), y)
 
 
+def test_moved_blobs_show_the_images_own_content_from_a_few_pixels_away():
+    torch.manual_seed(0)
+    clean = torch.rand(16, 3, 64, 64)
+    marked = torch.full_like(clean, -1.0)  # what the other anomalies made of the images
+    out = train.add_moved_blobs(clean, marked, share=0.5)
+    inside = out[:, :1] != -1
+    got = inside.flatten(1).any(1)
+    assert 2 <= got.sum() <= 14  # about half the images get a blob; the others keep every pixel
+    assert all(torch.equal(out[i], marked[i]) for i in range(16) if not got[i])
+    moves = [(r, c) for r in range(-6, 7) for c in range(-6, 7) if min(abs(r), abs(c)) >= 1.5]
+    for i in torch.nonzero(got).flatten():
+        match = [m for m in moves if torch.equal(out[i][:, inside[i, 0]], clean[i].roll(m, (1, 2))[:, inside[i, 0]])]
+        assert len(match) == 1  # its own image, moved 2-6 px along each axis (3-12 px at 128 px)
+    assert torch.equal(train.add_moved_blobs(clean, marked, share=0.0), marked)
+
+
+def test_synthetic_anomalies_without_moved_blobs_draw_nothing_more():
+    """moved=0 leaves the random stream as it was, so runs of parts at any angle are unchanged."""
+    x = torch.rand(8, 3, 32, 32)
+    torch.manual_seed(0)
+    plain = train.add_synthetic_anomalies(x, 0.5)
+    after_plain = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(train.add_synthetic_anomalies(x, 0.5, moved=0.0), plain)
+    assert torch.equal(torch.rand(1), after_plain)
+    torch.manual_seed(0)
+    assert not torch.equal(train.add_synthetic_anomalies(x, 0.5, moved=1.0), plain)
+
+
+def test_moved_blobs_are_on_only_where_the_parts_lie_alike():
+    aligned, turned = turned_parts(8, aligned=True), turned_parts(8, aligned=False)
+    assert train.lie_alike(aligned) > 0.99 and train.lie_alike(turned) < train.ALIKE_CORR
+    texture = (torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    assert abs(train.lie_alike(texture)) < 0.1  # grain differs from image to image
+    share, why = train.decide_moved("auto", "dae", aligned)
+    assert share == models.DAE.recipe["moved"] > 0 and "lie alike" in why
+    for other in (turned, texture):
+        assert train.decide_moved("auto", "dae", other)[0] == 0
+    assert train.decide_moved("auto", "beta_vae", aligned) == (0.0, "not part of beta_vae's recipe")
+    assert train.decide_moved("off", "dae", aligned)[0] == 0
+    assert train.decide_moved("on", "dae", turned)[0] == models.DAE.recipe["moved"]
+    assert train.decide_moved("on", "beta_vae", turned)[0] == train.MOVED_SHARE
+    assert train.parse_args(["--model", "dae", "--category", "bottle", "--moved", "on"]).moved_share > 0
+
+
 def test_rotate_turns_each_image_about_its_centre_by_its_own_angle():
     x = torch.rand(2, 3, 16, 16)
     turned = train.rotate(x, torch.tensor([0.0, math.pi / 2]))
@@ -183,6 +228,14 @@ def test_rotate_is_recorded_and_a_resume_must_keep_it(rgb_root, tmp_path):
     assert config["rotate"] == "on" and config["rotate_used"] is True
     r = run_train(rgb_root, "synthetic", tmp_path, "--model", "dae", "--epochs", "2", "--resume", check=False)
     assert r.returncode != 0 and "--rotate is auto but the run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_moved_blobs_are_printed_recorded_and_kept_by_a_resume(rgb_root, tmp_path):
+    r = run_train(rgb_root, "synthetic", tmp_path, "--model", "dae", "--epochs", "1", "--moved", "off")
+    assert "moved-structure anomalies off: --moved off" in r.stdout
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["moved_share"] == 0
+    r = run_train(rgb_root, "synthetic", tmp_path, "--model", "dae", "--epochs", "2", "--resume", check=False)
+    assert r.returncode != 0 and "--moved is auto but the run" in r.stderr and "Traceback" not in r.stderr
 
 
 def turned_parts(n, aligned, size=32):
