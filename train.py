@@ -710,6 +710,8 @@ def main(argv=None):
     split, train, val = load_data(args, rank, world, resume)
     args.rotate_used, why = decide_rotation(args.rotate, train.images)
     args.moved_share, why_moved = decide_moved(args.moved, args.model, train.images)
+    if resume and "moved_share" not in resume["config"]:  # a run from before moved blobs existed
+        args.moved_share, why_moved = 0.0, "the run being resumed was trained without them"
     model = make_model(args, device)
     perceptual = load_perceptual(model, args, device, rank)
     if args.overwrite and rank == 0:

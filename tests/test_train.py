@@ -236,6 +236,11 @@ def test_moved_blobs_are_printed_recorded_and_kept_by_a_resume(rgb_root, tmp_pat
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["moved_share"] == 0
     r = run_train(rgb_root, "synthetic", tmp_path, "--model", "dae", "--epochs", "2", "--resume", check=False)
     assert r.returncode != 0 and "--moved is auto but the run" in r.stderr and "Traceback" not in r.stderr
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del ckpt["config"]["moved"], ckpt["config"]["moved_share"]  # as written before moved blobs existed
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    r = run_train(rgb_root, "synthetic", tmp_path, "--model", "dae", "--epochs", "2", "--resume", "--moved", "on")
+    assert "moved-structure anomalies off: the run being resumed was trained without them" in r.stdout
 
 
 def turned_parts(n, aligned, size=32):
