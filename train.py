@@ -113,8 +113,9 @@ def parse_args(argv=None):
                    help="also give some synthetic anomalies a blob of their own image moved a few pixels "
                         "(structure out of line: a bent lead, a misplaced part). auto: on for the models "
                         f"whose recipe has it ({per_model('moved')}, the share of anomalous images) when the "
-                        "parts lie alike in every image, so that a moved copy can only be wrong "
-                        f"(printed with its reason); on: the recipe's share, or {MOVED_SHARE:.2f}")
+                        "parts lie alike in every image, where they were measured to help (they cost parts "
+                        "at any angle); printed with its reason. on: the recipe's share, or "
+                        f"{MOVED_SHARE:.2f}")
     p.add_argument("--shift", type=checks.non_negative_int,
                    help="move every training image by a random whole-pixel offset of up to this many "
                         "pixels each way (border filled by reflection), so that a part placed a pixel "
