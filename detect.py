@@ -379,7 +379,9 @@ def calibration_settings(args, run):
             "val_moves": val_moves(run.cfg), "two_sided": [n for n in run.names if n in TWO_SIDED],
             "copies_scored": "where shown",
             # turned copies were bilinear before: their calibrations recompute, the others stay
-            **({"turned_by": TURN_INTERPOLATION} if val_turns(run.cfg) > 1 else {})}
+            **({"turned_by": TURN_INTERPOLATION} if val_turns(run.cfg) > 1 else {}),
+            # chroma was its square before (models.chroma_map): calibrations with it recompute
+            **({"chroma": "distance"} if "chroma" in run.names else {})}
 
 
 def what_changed(old, new):

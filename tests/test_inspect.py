@@ -185,6 +185,7 @@ def test_a_run_trained_on_turned_parts_also_calibrates_on_turned_val_images(setu
     settings = calibration["settings"]
     assert settings["val_turns"] == 8 and settings["val_moves"] == 1 and len(calibration["val_scores"]) == 8 * 5
     assert settings["turned_by"] == "bicubic"  # unturned runs have no such setting: theirs stay valid
+    assert settings["chroma"] == "distance"  # calibrated with chroma's square before: recomputed
     assert calibration["threshold"] == calibration["val_scores"].max()
 
 
