@@ -168,9 +168,9 @@ def chroma_map(x, y, sigma=1.0, grey_tolerance=2 / 255):
     maps once each is standardised (detect.combine).
     """
     k = gaussian_kernel(5, sigma, x.device).to(x.dtype)
-    difference = blur(opponent_colours(x) - opponent_colours(y), k).pow(2).sum(1, keepdim=True).sqrt()
+    distance = blur(opponent_colours(x) - opponent_colours(y), k).pow(2).sum(1, keepdim=True).sqrt()
     has_colour = (x.amax(1) - x.amin(1)).flatten(1).amax(1) > grey_tolerance
-    return difference * has_colour.to(x.dtype)[:, None, None, None]
+    return distance * has_colour.to(x.dtype)[:, None, None, None]
 
 
 def wants(names, *maps):

@@ -500,7 +500,7 @@ def test_chroma_sees_a_colour_change_but_not_a_brightness_change_and_is_zero_on_
     assert models.chroma_map(x, x).abs().max() < 1e-12
     stain = models.chroma_map(x, stained)[0, 0]
     assert stain[8:16, 8:16].mean() > 100 * stain[20:, 20:].mean()
-    assert models.chroma_map(x, brighter).mean() < 0.1 * stain[8:16, 8:16].mean()  # clipped pixels tint a little
+    assert models.chroma_map(x, brighter).mean() < 0.1 * stain[8:16, 8:16].mean()  # 0.01 on the squared map: clipped pixels tint a little
     coloured_recon = grey.clone()
     coloured_recon[:, 0] += 0.1  # a reconstruction of a grey image is never exactly grey
     assert models.chroma_map(grey, coloured_recon).abs().max() == 0
