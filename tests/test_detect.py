@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -171,9 +172,10 @@ def trained_dae(rgb_root, tmp_path_factory):
 
 def test_detect_end_to_end_finds_the_synthetic_defects_and_writes_everything(trained_dae, tmp_path):
     results = tmp_path / "results"
-    subprocess.run([sys.executable, "detect.py", "--class", "synthetic", "--outputs", str(trained_dae),
-                    "--results", str(results), "--save-maps", "--map", "ssim+l2"],
-                   cwd=ROOT, check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "detect.py", "--class", "synthetic", "--outputs", str(trained_dae),
+                        "--results", str(results), "--save-maps", "--map", "ssim+l2"],
+                       cwd=ROOT, check=True, capture_output=True, text=True)
+    assert r.stdout.count("background: ") == 1  # the decision is printed, plain or not
     out = results / "synthetic"
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro_0.3", "f1", "good_false_alarm_rate"):
@@ -272,3 +274,55 @@ def test_the_error_maps_colour_scale_puts_the_threshold_mid_bar_whatever_else_is
     with_a_strong_mark[0] = 80.0
     assert detect.colour_scale(calm, 3.5) == detect.colour_scale(with_a_strong_mark, 3.5) == 7.0
     assert detect.colour_scale(with_a_strong_mark, -1.0) == 80.0  # no positive threshold: the maps decide
+
+
+def frame_images(inside, border, size=16):
+    """uint8 (N, 3, size, size) images: `inside` colour within, `border` colour on the outer 3 px."""
+    x = torch.tensor(border, dtype=torch.uint8).view(1, 3, 1, 1).repeat(len(inside), 1, size, size)
+    x[:, :, 3:-3, 3:-3] = torch.tensor(inside, dtype=torch.uint8).view(-1, 3, 1, 1)
+    return x
+
+
+def test_a_plain_border_gives_the_background_colour_and_a_busy_one_none():
+    """A dark table under every part: its colour. A texture to the edges: no background, so the
+    map will count everywhere."""
+    plain = frame_images([[200, 180, 90]] * 4, [22, 22, 29])
+    plain[0, :, 0, :4] = 255  # a few border pixels of a part that reaches the edge
+    colour, share = detect.plain_background(plain)
+    assert colour == [22, 22, 29] and detect.PLAIN_SHARE <= share < 1
+    busy = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    colour, share = detect.plain_background(busy)
+    assert colour is None and share < 0.2
+
+
+def test_the_part_is_where_the_image_or_its_reconstruction_is_not_the_background():
+    """A part in the image counts, and so does one that only its reconstruction draws (a part
+    missing from the image): both grown by PART_GROW px; faint noise on the table does not."""
+    table = [22, 22, 29]
+    image = frame_images([table], table, 24)
+    recon = image.clone()
+    image[0, :, 4:8, 4:8] = 200  # a part in the image
+    recon[0, :, 14:18, 14:18] = 200  # a part the reconstruction draws where the image shows table
+    image[0, :, 1, 20] += 5  # noise well within the tolerance
+    part = detect.part_pixels(image, recon, [float(c) for c in table])[0]
+    g = detect.PART_GROW
+    assert part[4 - g:8 + g, 6].all() and part[14 - g:18 + g, 16].all()
+    assert not part[4 - g - 1, 6] and not part[1, 20] and not part[0, 0]
+
+
+def test_outside_the_part_the_map_is_held_at_its_floor_and_the_part_keeps_its_marks():
+    maps = np.arange(32, dtype=np.float32).reshape(2, 4, 4)
+    part = np.zeros((2, 4, 4), bool)
+    part[:, 1:3, 1:3] = True
+    held = detect.hold_background(maps, part)
+    assert (held[part] == maps[part]).all()
+    assert (held[0][~part[0]] == 0).all() and (held[1][~part[1]] == 16).all()
+
+
+def test_the_background_rule_is_part_of_a_calibrations_settings():
+    """Changing it (or turning it off) must recompute a stored calibration, not reuse one made
+    with the other rule."""
+    run = SimpleNamespace(ckpt_path=__file__, root=".", cfg={}, names=["ssim"])
+    auto = detect.calibration_settings(detect.parse_args(["--class", "x"]), run)
+    off = detect.calibration_settings(detect.parse_args(["--class", "x", "--background", "off"]), run)
+    assert auto["background"].startswith("plain within") and off["background"] == "off"
