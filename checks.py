@@ -336,7 +336,7 @@ RESUME_FIXED = {"model": "--model", "category": "--category", "size": "--size", 
 RESUME_FOLLOWS = {"epochs": "--epochs", "lr": "--lr",
                   **{f"{stage}_{what}": f"--{stage}-{what}" for cls in MODELS.values()
                      for stage in cls.stages[1:] for what in ("epochs", "lr")},
-                  "anomaly_fraction": "--anomaly-fraction", "ssim_weight": "--ssim-weight",
+                  "anomaly_fraction": "--anomaly-fraction", "removed": "--removed", "ssim_weight": "--ssim-weight",
                   "ssim_warmup": "--ssim-warmup", "lpips_weight": "--lpips-weight"}
 
 

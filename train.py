@@ -39,7 +39,7 @@ from tqdm import tqdm
 import checks
 import data
 import losses
-from models import MODELS, build_model
+from models import MODELS, blur, build_model, gaussian_kernel
 
 GRAD_CLIP = 5.0  # every step rescales the gradient to a global norm of at most this
 
@@ -54,10 +54,10 @@ def stage_option(index, stage, what):
 
 def recipe_defaults(cls):
     """What a model's recipe fills in: steps and lr of each stage (a later stage the recipe does
-    not name runs like the first), batch_size, anomaly_fraction, shift and moved. Epochs come from the
+    not name runs like the first), batch_size, anomaly_fraction, shift, moved and removed. Epochs come from the
     steps once the size of the training set is known (plan_stages)."""
     recipe = cls.recipe
-    values = {k: recipe[k] for k in ("batch_size", "anomaly_fraction", "shift", "moved")}
+    values = {k: recipe[k] for k in ("batch_size", "anomaly_fraction", "shift", "moved", "removed")}
     for index, stage in enumerate(cls.stages):
         for what in ("steps", "lr"):
             values[stage_option(index, stage, what)] = recipe.get(stage_option(index, stage, what), recipe[what])
@@ -135,6 +135,10 @@ def parse_args(argv=None):
     g.add_argument("--anomaly-fraction", type=checks.unit_fraction,
                    help="fraction of each batch given synthetic anomalies, in the stages that use them "
                         f"({per_model('anomaly_fraction')})")
+    g.add_argument("--removed", type=checks.unit_fraction,
+                   help="share of the anomalous images that also get a blob filled from its surroundings, "
+                        "a piece of the part taken away (a missing component, a chipped edge), so the model "
+                        f"learns to put back what is absent ({per_model('removed')})")
     g = p.add_argument_group("speed")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (the first steps compile)")
@@ -316,14 +320,15 @@ def stroke_masks(n, size, segments=8):
     return torch.from_numpy(masks).float()[:, None]
 
 
-def add_synthetic_anomalies(x, fraction, strokes=0.5, moved=0.0):
+def add_synthetic_anomalies(x, fraction, strokes=0.5, moved=0.0, removed=0.0):
     """Paste shifted, recoloured pieces of other training images into the first `fraction` of the
     batch, through smooth-noise blobs or, for a `strokes` share of them, thin curves (scratches
     and cracks are the defects a model most easily copies); the model is trained to output the
     clean image (restoration, as in DRAEM's reconstructive network, with patches from normal images
     as in NSA: no outside data; the random colour gain and offset make a patch foreign even where
     it lands on the same kind of surface). A `moved` share of them also get a blob of their own
-    image moved a few pixels (add_moved_blobs; decide_moved says when)."""
+    image moved a few pixels (add_moved_blobs; decide_moved says when), and a `removed` share a
+    blob filled from its surroundings (add_removed_blobs)."""
     k = int(round(fraction * len(x)))
     if k == 0 or len(x) < 2:
         return x
@@ -342,6 +347,8 @@ def add_synthetic_anomalies(x, fraction, strokes=0.5, moved=0.0):
     corrupted = x[:k] * (1 - opacity * mask) + donors * opacity * mask
     if moved > 0:
         corrupted = add_moved_blobs(x[:k], corrupted, moved)
+    if removed > 0:
+        corrupted = add_removed_blobs(x[:k], corrupted, removed)
     return torch.cat([corrupted, x[k:]])
 
 
@@ -355,6 +362,32 @@ def add_moved_blobs(clean, corrupted, share):
     low, high = max(1, round(3 * size / 128)), max(1, round(12 * size / 128))
     step = torch.randint(low, high + 1, (2,)) * (torch.randint(0, 2, (2,)) * 2 - 1)
     return torch.where(blob > 0, clean.roll(step.tolist(), dims=(2, 3)), corrupted)
+
+
+def fill_from_surroundings(x, region, sigma):
+    """x with `region` (B, 1, S, S; 1 inside) filled by a Gaussian-weighted mean of the pixels
+    around it: blur(x * (1 - m)) / blur(1 - m), a normalised convolution. What lay inside is gone
+    and the surface around it runs on in."""
+    kernel = gaussian_kernel(2 * int(3 * sigma + 0.5) + 1, sigma, x.device)
+    outside = 1 - region
+    summed, weight = blur(torch.cat([x * outside, outside], 1), kernel).split([x.shape[1], 1], 1)
+    filled = summed / weight.clamp_min(1e-6)
+    # beyond the kernel's reach of every outside pixel: the mean of all that lies outside
+    mean_outside = (x * outside).sum((2, 3), keepdim=True) / outside.sum((2, 3), keepdim=True).clamp_min(1)
+    filled = torch.where(weight > 1e-6, filled, mean_outside)
+    return torch.where(region > 0, filled.clamp(0, 1), x)
+
+
+def add_removed_blobs(clean, corrupted, share):
+    """corrupted, where for a `share` of the images a blob (2-10 % of the image) is filled from its
+    surroundings (σ 8 px at 128 px): a piece of the part taken away, as a missing component leaves
+    the board beneath. Pasted pieces teach the model to take out what is foreign; these teach it
+    to put back what is absent, which an autoencoder otherwise copies as it finds it."""
+    k, size = len(clean), clean.shape[-1]
+    own = (torch.rand(k, 1, 1, 1) < share).float()
+    blob = (smooth_noise_masks(k, size, torch.empty(k).uniform_(0.02, 0.1)) * own).to(clean.device)
+    filled = fill_from_surroundings(clean, blob, 8 * size / 128)
+    return torch.where(blob > 0, filled, corrupted)
 
 
 # ----------------------------------------------------------------------------- one step, one epoch
@@ -582,7 +615,8 @@ def train_step(net, optimizer, x, stage, args, perceptual=None):
     model is asked for x."""
     x = rotate_randomly(x) if args.rotate_used else x
     x = shift_randomly(x, args.shift) if args.shift else x
-    inputs = add_synthetic_anomalies(x, args.anomaly_fraction, moved=args.moved_share) if stage.anomalies else x
+    inputs = (add_synthetic_anomalies(x, args.anomaly_fraction, moved=args.moved_share, removed=args.removed)
+              if stage.anomalies else x)
     for group in optimizer.param_groups:
         group["lr"] = stage.current_lr()
     # --bf16: the network runs under autocast, the model keeps its image terms in float32
@@ -713,6 +747,8 @@ def main(argv=None):
     args.moved_share, why_moved = decide_moved(args.moved, args.model, train.images)
     if resume and "moved_share" not in resume["config"]:  # a run from before moved blobs existed
         args.moved_share, why_moved = 0.0, "the run being resumed was trained without them"
+    if resume and "removed" not in resume["config"]:  # likewise for removed blobs
+        args.removed = 0.0
     model = make_model(args, device)
     perceptual = load_perceptual(model, args, device, rank)
     if args.overwrite and rank == 0:
@@ -730,6 +766,7 @@ def main(argv=None):
         print(f"rotation augmentation {'on' if args.rotate_used else 'off'}: {why}")
         moved = f"on ({args.moved_share:.2f} of the anomalous images)" if args.moved_share else "off"
         print(f"moved-structure anomalies {moved}: {why_moved}")
+        print(f"removed-part anomalies {f'on ({args.removed:.2f} of the anomalous images)' if args.removed else 'off'}")
 
     sampler = DistributedSampler(range(len(train)), world, rank, shuffle=True, seed=args.seed)
     per_rank = max(1, args.batch_size // world)

@@ -164,6 +164,50 @@ def test_synthetic_anomalies_without_moved_blobs_draw_nothing_more():
     assert not torch.equal(train.add_synthetic_anomalies(x, 0.5, moved=1.0), plain)
 
 
+def test_fill_from_surroundings_erases_what_lies_inside_and_keeps_the_rest():
+    """A bright square inside the region is gone, filled with the surface around it; outside the
+    region not a pixel changes, and a flat surface stays as it was."""
+    x = torch.full((1, 3, 32, 32), 0.3)
+    x[..., 12:20, 12:20] = 0.9  # a part on a plain surface
+    region = torch.zeros(1, 1, 32, 32)
+    region[..., 8:24, 8:24] = 1
+    out = train.fill_from_surroundings(x, region, sigma=2.0)
+    assert torch.allclose(out[..., 8:24, 8:24], torch.tensor(0.3), atol=1e-5)
+    assert torch.equal(out[..., region[0, 0] == 0], x[..., region[0, 0] == 0])
+    flat = torch.full((2, 1, 16, 16), 0.6)
+    assert torch.allclose(train.fill_from_surroundings(flat, torch.ones_like(flat).tril(), 2.0), flat)
+
+
+def test_removed_blobs_take_structure_away_in_about_the_requested_share():
+    torch.manual_seed(0)
+    stripes = torch.zeros(16, 3, 64, 64)
+    stripes[..., ::4] = 1.0  # fine structure everywhere: a fill from the surroundings is grey
+    marked = torch.full_like(stripes, -1.0)  # what the other anomalies made of the images
+    out = train.add_removed_blobs(stripes, marked, share=0.5)
+    inside = out[:, :1] != -1
+    got = inside.flatten(1).any(1)
+    assert 2 <= got.sum() <= 14  # about half the images get a blob; the others keep every pixel
+    assert all(torch.equal(out[i], marked[i]) for i in range(16) if not got[i])
+    for i in torch.nonzero(got).flatten():
+        filled = out[i][:, inside[i, 0]]
+        assert 0.05 < filled.mean() < 0.5 and filled.std() < 0.2  # stripes averaged away, not copied
+    assert torch.equal(train.add_removed_blobs(stripes, marked, share=0.0), marked)
+
+
+def test_removed_blobs_are_in_the_daes_recipe_only_and_can_be_turned_off():
+    assert models.DAE.recipe["removed"] > 0 and models.BetaVAE.recipe["removed"] == 0
+    args = ["--model", "dae", "--category", "bottle"]
+    assert train.parse_args(args).removed == models.DAE.recipe["removed"]
+    assert train.parse_args(args + ["--removed", "0"]).removed == 0
+    x = torch.rand(8, 3, 32, 32)
+    torch.manual_seed(0)
+    plain = train.add_synthetic_anomalies(x, 0.5)
+    torch.manual_seed(0)
+    assert torch.equal(train.add_synthetic_anomalies(x, 0.5, removed=0.0), plain)  # draws nothing more
+    torch.manual_seed(0)
+    assert not torch.equal(train.add_synthetic_anomalies(x, 0.5, removed=1.0), plain)
+
+
 def test_moved_blobs_are_on_only_where_the_parts_lie_alike():
     aligned, turned = turned_parts(8, aligned=True), turned_parts(8, aligned=False)
     assert train.lie_alike(aligned) > 0.99 and train.lie_alike(turned) < train.ALIKE_CORR
