@@ -135,20 +135,29 @@ def test_synthetic_anomalies_keep_grey_images_grey():
     assert not torch.equal(y, grey) and torch.equal(y[:, :1].expand_as(y), y)
 
 
+def blobs_of(add_blobs, clean):
+    """(output, blob pixels) of add_blobs(clean, marked, share=0.5) on 16 images, where marked stands
+    for what the other anomalies made of them: about half get a blob, the others keep every pixel,
+    and share 0 changes nothing."""
+    marked = torch.full_like(clean, -1.0)
+    out = add_blobs(clean, marked, share=0.5)
+    inside = out[:, :1] != -1
+    got = inside.flatten(1).any(1)
+    assert 2 <= got.sum() <= 14
+    assert all(torch.equal(out[i], marked[i]) for i in range(16) if not got[i])
+    assert torch.equal(add_blobs(clean, marked, share=0.0), marked)
+    return out, inside
+
+
 def test_moved_blobs_show_the_images_own_content_from_a_few_pixels_away():
     torch.manual_seed(0)
     clean = torch.rand(16, 3, 64, 64)
-    marked = torch.full_like(clean, -1.0)  # what the other anomalies made of the images
-    out = train.add_moved_blobs(clean, marked, share=0.5)
-    inside = out[:, :1] != -1
+    out, inside = blobs_of(train.add_moved_blobs, clean)
     got = inside.flatten(1).any(1)
-    assert 2 <= got.sum() <= 14  # about half the images get a blob; the others keep every pixel
-    assert all(torch.equal(out[i], marked[i]) for i in range(16) if not got[i])
     moves = [(r, c) for r in range(-6, 7) for c in range(-6, 7) if min(abs(r), abs(c)) >= 1.5]
     for i in torch.nonzero(got).flatten():
         match = [m for m in moves if torch.equal(out[i][:, inside[i, 0]], clean[i].roll(m, (1, 2))[:, inside[i, 0]])]
         assert len(match) == 1  # its own image, moved 2-6 px along each axis (3-12 px at 128 px)
-    assert torch.equal(train.add_moved_blobs(clean, marked, share=0.0), marked)
 
 
 def test_synthetic_anomalies_without_moved_blobs_draw_nothing_more():
@@ -182,16 +191,10 @@ def test_removed_blobs_take_structure_away_in_about_the_requested_share():
     torch.manual_seed(0)
     stripes = torch.zeros(16, 3, 64, 64)
     stripes[..., ::4] = 1.0  # fine structure everywhere: a fill from the surroundings is grey
-    marked = torch.full_like(stripes, -1.0)  # what the other anomalies made of the images
-    out = train.add_removed_blobs(stripes, marked, share=0.5)
-    inside = out[:, :1] != -1
-    got = inside.flatten(1).any(1)
-    assert 2 <= got.sum() <= 14  # about half the images get a blob; the others keep every pixel
-    assert all(torch.equal(out[i], marked[i]) for i in range(16) if not got[i])
-    for i in torch.nonzero(got).flatten():
+    out, inside = blobs_of(train.add_removed_blobs, stripes)
+    for i in torch.nonzero(inside.flatten(1).any(1)).flatten():
         filled = out[i][:, inside[i, 0]]
         assert 0.05 < filled.mean() < 0.5 and filled.std() < 0.2  # stripes averaged away, not copied
-    assert torch.equal(train.add_removed_blobs(stripes, marked, share=0.0), marked)
 
 
 def test_removed_blobs_are_in_the_daes_recipe_only_and_can_be_turned_off():
