@@ -384,10 +384,11 @@ def add_removed_blobs(clean, corrupted, share):
     the board beneath. Pasted pieces teach the model to take out what is foreign; these teach it
     to put back what is absent, which an autoencoder otherwise copies as it finds it."""
     k, size = len(clean), clean.shape[-1]
-    own = (torch.rand(k, 1, 1, 1) < share).float()
-    blob = (smooth_noise_masks(k, size, torch.empty(k).uniform_(0.02, 0.1)) * own).to(clean.device)
-    filled = fill_from_surroundings(clean, blob, 8 * size / 128)
-    return torch.where(blob > 0, filled, corrupted)
+    chosen = (torch.rand(k) < share).to(clean.device)
+    blob = smooth_noise_masks(k, size, torch.empty(k).uniform_(0.02, 0.1)).to(clean.device)[chosen]
+    out = corrupted.clone()  # only the chosen images are filled: the blur is most of the cost
+    out[chosen] = torch.where(blob > 0, fill_from_surroundings(clean[chosen], blob, 8 * size / 128), out[chosen])
+    return out
 
 
 # ----------------------------------------------------------------------------- one step, one epoch
