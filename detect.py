@@ -932,6 +932,10 @@ SUMMARY_COLUMNS = {"category": "category", "model": "model", "image_auroc": "ima
                    "good_false_alarm_rate": "good flagged", "train_minutes": "training minutes"}
 
 
+def classes_word(n):
+    return f"{n} class" if n == 1 else f"{n} classes"
+
+
 def write_summary(results, rows):
     """results/summary.csv and summary.md: one row per class and a mean row; a mean over fewer
     classes than there are rows (pixel metrics without masks) says over how many."""
@@ -943,7 +947,7 @@ def write_summary(results, rows):
     def cell(k, v):
         formats = {"good_false_alarm_rate": "{:.0%}", "train_minutes": "{:.1f}"}
         return v if isinstance(v, str) else "" if v is None else formats.get(k, "{:.3f}").format(v)
-    mean = {"category": f"mean ({len(rows)} classes)", "model": ""}
+    mean = {"category": f"mean ({classes_word(len(rows))})", "model": ""}
     for k in numeric:
         values = [r[k] for r in rows if r.get(k) is not None and np.isfinite(r[k])]
         mean[k] = "" if not values else cell(k, float(np.mean(values))) + (
@@ -975,7 +979,7 @@ def detect_all(args):
         rows.append({**{k: m.get(k) for k in SUMMARY_COLUMNS}, "category": name,
                      "train_minutes": training_minutes(m["checkpoint"])})
     write_summary(results, rows)
-    print(f"{len(rows)} classes -> {results / 'summary.md'}"
+    print(f"{classes_word(len(rows))} -> {results / 'summary.md'}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return {"rows": rows, "failed": failed, "exit_code": 1 if failed else 0}
 

@@ -161,6 +161,13 @@ def test_class_all_writes_a_summary_with_a_mean_row(setup, tmp_path):
     assert table[-1].startswith("| mean (2 classes) |") and "(over 1)" in table[-1]
 
 
+def test_summary_of_one_class_says_class_not_classes(tmp_path):
+    row = {"category": "solar_cells", "model": "dae", "image_auroc": 0.66, "pixel_auroc": None,
+           "aupro_0.3": None, "f1": 0.2, "good_false_alarm_rate": 0.0, "train_minutes": 3.9}
+    detect.write_summary(tmp_path, [row])
+    assert (tmp_path / "summary.md").read_text().splitlines()[-1].startswith("| mean (1 class) |  | 0.660 |")
+
+
 def test_bench_inspect_reports_images_per_second_for_each_model(tmp_path, capsys):
     import bench
     bench.main(["--inspect", "--models", "dae", "vqvae", "--sizes", "32", "--steps", "1", "--warmup", "1",
