@@ -176,6 +176,7 @@ def test_detect_end_to_end_finds_the_synthetic_defects_and_writes_everything(tra
                         "--results", str(results), "--save-maps", "--map", "ssim+l2"],
                        cwd=ROOT, check=True, capture_output=True, text=True)
     assert r.stdout.count("background: ") == 1  # the decision is printed, plain or not
+    assert r.stdout.count("template: on") == 1  # a DAE run that did not turn its images
     out = results / "synthetic"
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro_0.3", "f1", "good_false_alarm_rate"):
@@ -241,6 +242,15 @@ def test_combine_leaves_out_a_map_that_is_constant_on_the_val_images():
     both = detect.combine({**raw_test, "l2": 2 * ssim_test}, with_l2, ["ssim", "chroma", "l2"])
     expected = (ssim_test - ssim_val.mean()) / ssim_val.std()
     np.testing.assert_allclose(both, expected)
+
+
+def test_combine_keeps_a_map_whose_val_statistics_are_not_finite_so_the_error_is_seen():
+    """A map with a NaN is no constant map: left out, the NaN would pass unseen."""
+    ssim = np.random.default_rng(0).random((3, 8, 8))
+    poisoned = ssim.copy()
+    poisoned[0, 0, 0] = np.nan
+    stats = detect.map_statistics({"ssim": ssim, "l2": poisoned})
+    assert np.isnan(detect.combine({"ssim": ssim, "l2": poisoned}, stats, ["ssim", "l2"])).all()
 
 
 def test_a_calibration_keeps_the_val_maps_statistics_not_the_maps():
@@ -322,7 +332,45 @@ def test_outside_the_part_the_map_is_held_at_its_floor_and_the_part_keeps_its_ma
 def test_the_background_rule_is_part_of_a_calibrations_settings():
     """Changing it (or turning it off) must recompute a stored calibration, not reuse one made
     with the other rule."""
-    run = SimpleNamespace(ckpt_path=__file__, root=".", cfg={}, names=["ssim"])
+    run = SimpleNamespace(ckpt_path=__file__, root=".", cfg={}, names=["ssim"],
+                          model=SimpleNamespace(default_template=False))
     auto = detect.calibration_settings(detect.parse_args(["--class", "x"]), run)
     off = detect.calibration_settings(detect.parse_args(["--class", "x", "--background", "off"]), run)
     assert auto["background"].startswith("plain within") and off["background"] == "off"
+
+
+def grey_uint8(levels):
+    """uint8 images (N, 3, H, W) with the same grey level in every channel."""
+    return torch.from_numpy(np.clip(np.round(levels * 255), 0, 255).astype(np.uint8))[:, None].repeat(1, 3, 1, 1)
+
+
+def test_the_template_marks_a_region_gone_dark_more_than_grain_of_the_same_size():
+    """Training images: a grey level with grain. A test image whose region is darker by as much
+    as the grain's own amplitude stands out there; an image with new grain of that amplitude
+    does not, because the difference is smoothed (4 px at 128 px) before its size is taken."""
+    rng = np.random.default_rng(0)
+    train = grey_uint8(0.5 + 0.05 * rng.standard_normal((20, 128, 128)))
+    template = detect.template_statistics(train)
+    assert template["mean"].shape == template["std"].shape == (128, 128)
+    dark = 0.5 + 0.05 * rng.standard_normal((1, 128, 128))
+    dark[:, 32:80, 32:80] -= 0.05
+    grainy = 0.5 + 0.05 * rng.standard_normal((1, 128, 128))
+    maps = detect.template_map(grey_uint8(np.concatenate([dark, grainy])), template)
+    assert maps.shape == (2, 128, 128)
+    assert maps[0, 40:72, 40:72].min() > maps[1].max()
+    assert maps[0, 40:72, 40:72].min() > 3 * np.median(maps[0])
+
+
+def test_the_template_joins_the_maps_of_a_dae_run_that_did_not_turn_its_images_only():
+    run = SimpleNamespace(model=SimpleNamespace(default_template=True), cfg={})
+    turned = SimpleNamespace(model=SimpleNamespace(default_template=True), cfg={"rotate_used": True})
+    other = SimpleNamespace(model=SimpleNamespace(default_template=False), cfg={})
+    auto, off = detect.parse_args(["--class", "x"]), detect.parse_args(["--class", "x", "--template", "off"])
+    assert detect.uses_template(run, auto)
+    assert not detect.uses_template(run, off) and not detect.uses_template(turned, auto)
+    assert not detect.uses_template(other, auto)
+    raw = {"ssim": np.zeros((2, 8, 8), np.float32)}
+    assert detect.with_template(raw, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), None) is raw
+    template = {"mean": np.full((8, 8), 0.5, np.float32), "std": np.zeros((8, 8), np.float32)}
+    both = detect.with_template(raw, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), template)
+    assert list(both) == ["ssim", "template"] and np.allclose(both["template"], 0.5 / detect.TEMPLATE_FLOOR)

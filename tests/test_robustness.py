@@ -385,7 +385,7 @@ def test_non_finite_maps_stop_detect_before_any_result_is_written(run, tmp_path,
     # 15 maps only the first is poisoned, which is one of the 3 images
     with pytest.raises(checks.RunError, match=r"the val maps of 1 of 3 images are not finite \(NaN or inf\)"):
         detect.main([str(a) for a in detect_args(run, tmp_path / "results", "--baseline", "none",
-                                                               "--map", "ssim")])
+                                                               "--map", "ssim", "--template", "off")])
     assert list((tmp_path / "results" / CATEGORY).iterdir()) == []
 
 
