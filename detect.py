@@ -337,8 +337,9 @@ def template_map(images, template):
 
 
 def with_template(raw, images, template):
-    """The model's raw maps, and the template map when the calibration has a template."""
-    return raw if template is None else {**raw, "template": template_map(images, template)}
+    """The model's raw maps, and the template map when the calibration has a template (and the
+    maps do not hold it yet)."""
+    return raw if template is None or "template" in raw else {**raw, "template": template_map(images, template)}
 
 
 def uses_template(run, args):
@@ -515,7 +516,7 @@ def compute_calibration(run, args, settings):
                    "map_stats": map_statistics(val_raw if baseline is None else subtract_baseline(val_raw, baseline)),
                    "val_files": [Path(p).name for p in val.paths], "train_images": len(train) if baseline is not None else 0,
                    "background": background, "border_share": border_share}
-    val_maps = anomaly_map(raw, calibration, run.names, args, copies, recons)
+    val_maps = anomaly_map(val_raw, calibration, run.names, args, copies, recons)
     # copy c shows val image c % n (val_copies' order): checked per image, so the error counts images
     checks.require_finite(run.ckpt_path, val_maps=val_maps.reshape(-1, len(val), *val_maps.shape[1:]).swapaxes(0, 1))
     val_scores = copy_scores(val_maps, shown_in_copies(len(val), size, settings).numpy(), args.score, args.topk)
