@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -36,3 +37,16 @@ def test_good_cells_split_every_fourth_to_test_defective_by_type_uncertain_left_
     assert np.array_equal(np.asarray(Image.open(cat / "test/good/poly_cell0008.png")), np.full((32, 32), 140, np.uint8))
     test = data.load_split(tmp_path / "mvtec", "solar_cells", "test", 32)
     assert sorted(set(test.defect_types)) == ["defective_mono", "defective_poly", "good"] and test.unmasked
+
+
+def test_a_broken_labels_line_or_a_missing_image_is_one_error_line_and_nothing_written(tmp_path):
+    fake_elpv(tmp_path / "elpv")
+    labels = tmp_path / "elpv" / "labels.csv"
+    labels.write_text(labels.read_text() + "images/cell0010.png  mono\n")
+    with pytest.raises(SystemExit, match=r"line 10 is not 'image probability type'"):
+        elpv_layout.main(["--elpv", str(tmp_path / "elpv"), "--data-root", str(tmp_path / "mvtec")])
+    fake_elpv(tmp_path / "other")
+    (tmp_path / "other" / "images" / "cell0004.png").unlink()
+    with pytest.raises(SystemExit, match=r"1 images named in labels.csv are missing, e\.g\. .*cell0004\.png"):
+        elpv_layout.main(["--elpv", str(tmp_path / "other"), "--data-root", str(tmp_path / "mvtec")])
+    assert not (tmp_path / "mvtec").exists()

@@ -23,12 +23,17 @@ TEST_EVERY = 4  # every fourth good cell is a good test image
 
 
 def read_labels(path):
-    """[(relative image path, defect probability, cell type)] from ELPV's labels.csv."""
+    """[(relative image path, defect probability, cell type)] from ELPV's labels.csv; a line that
+    is not `image probability type` stops with one error line naming it."""
     rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             image, probability, kind = line.split()
             rows.append((image, float(probability), kind))
+        except ValueError:
+            sys.exit(f"error: {path} line {number} is not 'image probability type': {line.strip()!r}")
     return rows
 
 
@@ -54,6 +59,9 @@ def main(argv=None):
     if target.exists():
         sys.exit(f"error: {target} exists already; remove it or choose another --category")
     places = layout(read_labels(source / "labels.csv"))
+    missing = [image for image, _ in places if not (source / image).is_file()]
+    if missing:
+        sys.exit(f"error: {len(missing)} images named in labels.csv are missing, e.g. {source / missing[0]}")
     for image, place in places:
         (target / place).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / image, target / place)
