@@ -263,7 +263,7 @@ class AutoEncoder(nn.Module):
         default_close, default_sigma  detect.py's closing radius and Gaussian sigma for that map,
                      pixels (--close, --sigma)
         default_template  whether detect.py adds its template map (the image's grey level
-                     against the training images' per pixel) where a run did not turn its images
+                     against its nearest training images') where a run did not turn its images
     and records its constructor arguments in `config`, from which checkpoints rebuild it.
     """
 
@@ -528,8 +528,9 @@ class DAE(LatentVectorAE):
     # enclose, then (seed 0): metal_nut pixel AUROC 0.958 -> 0.965, image scores unchanged. The
     # VAEs' smoother maps lose by the closing (beta_vae metal_nut image AUROC 0.658 -> 0.628)
     default_close, default_sigma = 6, 3.0
-    # a region gone dark or bright comes back as it is: solar cells 0.661 -> 0.704 image AUROC,
-    # metal_nut and bottle within 0.003 (detect.py, the template map; RESULTS.md)
+    # a region gone dark or bright comes back as it is: solar cells 0.666 -> 0.723 image AUROC,
+    # a grey metal_nut copy 0.949 -> 0.959, metal_nut and bottle within 0.001 (detect.py, the
+    # template map; RESULTS.md)
     default_template = True
 
     def __init__(self, latent_dim=2048, bottleneck="spatial", **kw):

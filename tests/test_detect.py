@@ -351,7 +351,7 @@ def test_the_template_marks_a_region_gone_dark_more_than_grain_of_the_same_size(
     rng = np.random.default_rng(0)
     train = grey_uint8(0.5 + 0.05 * rng.standard_normal((20, 128, 128)))
     template = detect.template_statistics(train)
-    assert template["mean"].shape == template["std"].shape == (128, 128)
+    assert template["grey"].shape == (20, 128, 128) and template["std"].shape == (128, 128)
     dark = 0.5 + 0.05 * rng.standard_normal((1, 128, 128))
     dark[:, 32:80, 32:80] -= 0.05
     grainy = 0.5 + 0.05 * rng.standard_normal((1, 128, 128))
@@ -359,6 +359,26 @@ def test_the_template_marks_a_region_gone_dark_more_than_grain_of_the_same_size(
     assert maps.shape == (2, 128, 128)
     assert maps[0, 40:72, 40:72].min() > maps[1].max()
     assert maps[0, 40:72, 40:72].min() > 3 * np.median(maps[0])
+
+
+def test_the_template_compares_an_image_with_the_training_images_of_its_own_kind():
+    """Two kinds of training image, dark on the left or on the right (a part turned half round,
+    a second kind of cell). A good image of either kind is its nearest training images' like, so
+    its template map stays low; against the mean of all the training images half of it would
+    stand out. A training image is compared without itself (skip_self): its own kind's others."""
+    rng = np.random.default_rng(0)
+    left = np.where(np.arange(64) < 32, 0.2, 0.8) + 0.02 * rng.standard_normal((10, 64, 64))
+    right = left[:, :, ::-1] + 0.02 * rng.standard_normal((10, 64, 64))
+    train = grey_uint8(np.concatenate([left, right]))
+    template = detect.template_statistics(train)
+    good = grey_uint8(np.concatenate([left[:1], right[:1]]) + 0.02 * rng.standard_normal((2, 64, 64)))
+    maps = detect.template_map(good, template)
+    whole_mean = np.abs(detect.grey_levels(good) - detect.grey_levels(train).mean(0)) / (template["std"] + 0.02)
+    assert maps.max() < 0.1 * np.median(whole_mean)
+    nearest = detect.nearest_training_images(detect.grey_levels(train), detect.grey_levels(train), skip_self=True)
+    assert nearest.shape == (20, detect.TEMPLATE_NEIGHBOURS)
+    assert all(i not in row and ((row < 10) == (i < 10)).all() for i, row in enumerate(nearest))
+    assert detect.template_map(train, template, skip_self=True).max() < 0.1 * np.median(whole_mean)
 
 
 def test_the_template_joins_the_maps_of_a_dae_run_that_did_not_turn_its_images_only():
@@ -371,6 +391,6 @@ def test_the_template_joins_the_maps_of_a_dae_run_that_did_not_turn_its_images_o
     assert not detect.uses_template(other, auto)
     raw = {"ssim": np.zeros((2, 8, 8), np.float32)}
     assert detect.with_template(raw, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), None) is raw
-    template = {"mean": np.full((8, 8), 0.5, np.float32), "std": np.zeros((8, 8), np.float32)}
+    template = {"grey": np.full((1, 8, 8), 51, np.uint8), "std": np.zeros((8, 8), np.float32)}
     both = detect.with_template(raw, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), template)
-    assert list(both) == ["ssim", "template"] and np.allclose(both["template"], 0.5 / detect.TEMPLATE_FLOOR)
+    assert list(both) == ["ssim", "template"] and np.allclose(both["template"], 0.2 / detect.TEMPLATE_FLOOR)
