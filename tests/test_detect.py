@@ -373,12 +373,15 @@ def test_the_template_compares_an_image_with_the_training_images_of_its_own_kind
     template = detect.template_statistics(train)
     good = grey_uint8(np.concatenate([left[:1], right[:1]]) + 0.02 * rng.standard_normal((2, 64, 64)))
     maps = detect.template_map(good, template)
-    whole_mean = np.abs(detect.grey_levels(good) - detect.grey_levels(train).mean(0)) / (template["std"] + 0.02)
+    spread = template["std"] + detect.TEMPLATE_FLOOR
+    whole_mean = np.abs(detect.grey_levels(good) - detect.grey_levels(train).mean(0)) / spread
     assert maps.max() < 0.1 * np.median(whole_mean)
     nearest = detect.nearest_training_images(detect.grey_levels(train), detect.grey_levels(train), skip_self=True)
     assert nearest.shape == (20, detect.TEMPLATE_NEIGHBOURS)
     assert all(i not in row and ((row < 10) == (i < 10)).all() for i, row in enumerate(nearest))
     assert detect.template_map(train, template, skip_self=True).max() < 0.1 * np.median(whole_mean)
+    one = detect.grey_levels(train[:1])  # a single training image is its own template, not none
+    assert detect.nearest_training_images(one, one, skip_self=True).tolist() == [[0]]
 
 
 def test_the_template_joins_the_maps_of_a_dae_run_that_did_not_turn_its_images_only():
