@@ -177,6 +177,7 @@ def test_detect_end_to_end_finds_the_synthetic_defects_and_writes_everything(tra
                        cwd=ROOT, check=True, capture_output=True, text=True)
     assert r.stdout.count("background: ") == 1  # the decision is printed, plain or not
     assert r.stdout.count("template: on") == 1  # a DAE run that did not turn its images
+    assert r.stdout.count("baseline: the mean map of") == 1  # all or the nearest: decided and printed
     out = results / "synthetic"
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro_0.3", "f1", "good_false_alarm_rate"):
@@ -382,6 +383,29 @@ def test_the_template_compares_an_image_with_the_training_images_of_its_own_kind
     assert detect.template_map(train, template, skip_self=True).max() < 0.1 * np.median(whole_mean)
     one = detect.grey_levels(train[:1])  # a single training image is its own template, not none
     assert detect.nearest_training_images(one, one, skip_self=True).tolist() == [[0]]
+
+
+def test_where_images_are_of_two_kinds_each_loses_the_error_of_its_own_kind():
+    """Smooth and grainy training images (mono and poly solar cells): the model errs little on
+    the first kind and much on the second. With the nearest baseline each image loses its own
+    kind's mean error, not the mean of both, so a good image of either kind is left near zero;
+    maps it does not hold (the template) keep the mean of all."""
+    rng = np.random.default_rng(0)
+    smooth = 0.3 + 0.01 * rng.standard_normal((10, 64, 64))
+    grainy = 0.7 + 0.1 * rng.standard_normal((10, 64, 64))
+    train = grey_uint8(np.concatenate([smooth, grainy]))
+    train_raw = {"ssim": np.concatenate([np.full((10, 64, 64), 0.1), np.full((10, 64, 64), 0.5)]).astype(np.float32),
+                 "template": rng.random((20, 64, 64)).astype(np.float32)}
+    mean_of_all = {n: m.mean(0) for n, m in train_raw.items()}
+    nearest = detect.nearest_baseline(train_raw, ["ssim"], detect.grey_levels(train))
+    assert nearest["maps"]["ssim"].shape == (20, 32, 32) and nearest["maps"]["ssim"].dtype == np.float16
+    good = grey_uint8(np.concatenate([smooth[:1], grainy[:1]]) + 0.01 * rng.standard_normal((2, 64, 64)))
+    own = detect.baseline_for(good, {"baseline": mean_of_all, "nearest": nearest})
+    assert np.allclose(own["ssim"][0], 0.1, atol=1e-3) and np.allclose(own["ssim"][1], 0.5, atol=1e-3)
+    assert own["template"] is mean_of_all["template"]
+    assert detect.baseline_for(good, {"baseline": mean_of_all, "nearest": None}) is mean_of_all
+    line = detect.baseline_line({"baseline": mean_of_all, "nearest": nearest, "alike": 0.5})
+    assert "3 nearest" in line and "do not lie alike" in line
 
 
 def test_the_template_joins_the_maps_of_a_dae_run_that_did_not_turn_its_images_only():
