@@ -263,7 +263,7 @@ class AutoEncoder(nn.Module):
         default_close, default_sigma  detect.py's closing radius and Gaussian sigma for that map,
                      pixels (--close, --sigma)
         default_template  whether detect.py adds its template map (the image's grey level
-                     against its nearest training images) where a run did not turn its images
+                     against its nearest training images)
     and records its constructor arguments in `config`, from which checkpoints rebuild it.
     """
 

@@ -176,7 +176,7 @@ def test_detect_end_to_end_finds_the_synthetic_defects_and_writes_everything(tra
                         "--results", str(results), "--save-maps", "--map", "ssim+l2"],
                        cwd=ROOT, check=True, capture_output=True, text=True)
     assert r.stdout.count("background: ") == 1  # the decision is printed, plain or not
-    assert r.stdout.count("template: on") == 1  # a DAE run that did not turn its images
+    assert r.stdout.count("template: on") == 1  # a DAE run
     assert r.stdout.count("baseline: the mean map of") == 1  # all or the nearest: decided and printed
     out = results / "synthetic"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -408,13 +408,13 @@ def test_where_images_are_of_two_kinds_each_loses_the_error_of_its_own_kind():
     assert "3 nearest" in line and "do not lie alike" in line
 
 
-def test_the_template_joins_the_maps_of_a_dae_run_that_did_not_turn_its_images_only():
+def test_the_template_joins_the_maps_of_a_model_that_asks_for_it_unless_turned_off():
     run = SimpleNamespace(model=SimpleNamespace(default_template=True), cfg={})
     turned = SimpleNamespace(model=SimpleNamespace(default_template=True), cfg={"rotate_used": True})
     other = SimpleNamespace(model=SimpleNamespace(default_template=False), cfg={})
     auto, off = detect.parse_args(["--class", "x"]), detect.parse_args(["--class", "x", "--template", "off"])
-    assert detect.uses_template(run, auto)
-    assert not detect.uses_template(run, off) and not detect.uses_template(turned, auto)
+    assert detect.uses_template(run, auto) and detect.uses_template(turned, auto)
+    assert not detect.uses_template(run, off)
     assert not detect.uses_template(other, auto)
     raw = {"ssim": np.zeros((2, 8, 8), np.float32)}
     assert detect.with_template(raw, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), None) is raw

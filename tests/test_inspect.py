@@ -177,18 +177,22 @@ def test_bench_inspect_reports_images_per_second_for_each_model(tmp_path, capsys
     assert len(rows) == 2 and all("| cpu | untrained | 16 |" in r for r in rows)
 
 
-def test_a_run_trained_on_turned_parts_also_calibrates_on_turned_val_images(setup, capsys):
+def test_a_run_trained_on_turned_parts_also_calibrates_on_turned_val_images(setup, capsys, monkeypatch):
     """Any turn of a good part is a good part to such a run: eight angles of each val image give
     the threshold more good scores than one val image alone."""
     root, runs, results = setup
+    monkeypatch.setattr(detect, "ALIKE_CORR", 1.0)  # as parts at any angle: each its own baseline
     ckpt_path = runs / CATEGORY / "dae" / "best.pt"
     ckpt = torch.load(ckpt_path, weights_only=False)
     ckpt["config"]["rotate_used"] = True  # as train.py records --rotate on
     torch.save(ckpt, ckpt_path)
     detect_main(root, runs, results, "--no-pictures")
-    warning = "threshold rests on 1 val image, scored at 8 angles and moved 1 px each way: copies"
-    assert warning in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "threshold rests on 1 val image, scored at 8 angles and moved 1 px each way: copies" in out
     calibration = torch.load(detect.calibration_path(ckpt_path, "ssim+feature+chroma+segment"), weights_only=True)
+    # turned val copies find their nearest training parts as unturned images do
+    assert "template: on" in out and calibration["template"] is not None
+    assert calibration["nearest"] is not None and "3 nearest training images" in out
     settings = calibration["settings"]
     assert settings["val_turns"] == 8 and settings["val_moves"] == 1 and len(calibration["val_scores"]) == 8 * 5
     assert settings["turned_by"] == "bicubic"  # unturned runs have no such setting: theirs stay valid
