@@ -649,8 +649,8 @@ def calibrate(run, args):
 def template_line(run, args, calibration):
     """One line: whether the template map joins the model's maps, and why."""
     if calibration.get("template") is not None:
-        return ("template: on: the map also counts each image's grey "
-                f"level against its {TEMPLATE_NEIGHBOURS} nearest training images, over the training images' spread")
+        return (f"template: on: the map also counts each image's grey level against its {TEMPLATE_NEIGHBOURS} "
+                "nearest training images, over the training images' spread")
     return f"template: off ({'--template off' if args.template == 'off' else f'{run.name} does not use it'})"
 
 
@@ -880,8 +880,8 @@ def parse_args(argv=None):
     p.add_argument("--template", choices=["auto", "off"], default="auto",
                    help="auto: for a model that uses it (DAE), the map also counts each image's "
                         f"smoothed grey level against the mean of its {TEMPLATE_NEIGHBOURS} nearest training "
-                        "images, over the training images' per-pixel spread (what a model reproduces faithfully, such as a region gone "
-                        "dark); off: the model's maps only")
+                        "images, over the training images' per-pixel spread (what a model reproduces "
+                        "faithfully, such as a region gone dark); off: the model's maps only")
     p.add_argument("--score", choices=["max", "topk"], default="max", help="image score from its map")
     p.add_argument("--topk", type=checks.positive_int, default=100, help="pixels averaged by --score topk")
     p.add_argument("--threshold", type=checks.finite_float, help="image/pixel threshold (default: max val score)")
