@@ -25,9 +25,11 @@ own by default). Where the training images' border is one plain colour, the map 
 floor wherever an image and its reconstruction both show that colour (--background). The image
 score is the map's maximum (or the mean of its top-k pixels).
 
-Threshold: the largest image score among the val images (good images never trained on), each
-also scored turned and moved as the run's training images were (val_copies). With n
-exchangeable good images the chance that a new good one scores higher is 1 / (n + 1). Predicted
+Threshold: one of the image scores of the val images (good images never trained on), each also
+scored turned and moved as the run's training images were (val_copies). With n exchangeable good
+images a new good one scores above the k-th largest with chance k / (n + 1): the threshold is
+the largest (k = 1) below 99 val images, else the k-th largest with k / (n + 1) <=
+THRESHOLD_SHARE (2 %), so one unusual good image among many does not set it. Predicted
 masks are the pixels above that same threshold, so an image is flagged exactly when its mask is
 non-empty. Maps are never normalised by each image's own min and max: that stretches the noise
 of a good image to full scale, so every good image would look defective.
@@ -554,6 +556,7 @@ def calibration_settings(args, run):
             "lpips_backbone": args.lpips_backbone, "val_turns": val_turns(run.cfg),
             "val_moves": val_moves(run.cfg), "two_sided": [n for n in run.names if n in TWO_SIDED],
             "copies_scored": "where shown",
+            "threshold": f"k-th highest val image, k/(n+1) <= {THRESHOLD_SHARE:g}",
             # turned copies were bilinear before: their calibrations recompute, the others stay
             **({"turned_by": TURN_INTERPOLATION} if val_turns(run.cfg) > 1 else {}),
             # chroma was its square before (models.chroma_map): calibrations with it recompute
@@ -608,7 +611,8 @@ def compute_calibration(run, args, settings):
     # copy c shows val image c % n (val_copies' order): checked per image, so the error counts images
     checks.require_finite(run.ckpt_path, val_maps=val_maps.reshape(-1, len(val), *val_maps.shape[1:]).swapaxes(0, 1))
     val_scores = copy_scores(val_maps, shown_in_copies(len(val), size, settings).numpy(), args.score, args.topk)
-    calibration.update(val_scores=val_scores, threshold=float(val_scores.max()))
+    calibration["val_scores"] = val_scores
+    calibration["threshold"] = float(val_image_scores(calibration)[threshold_image(calibration)])
     return calibration
 
 
@@ -621,14 +625,47 @@ def val_image_scores(calibration):
 # The threshold is one val image's score. An unusual good part (or a defective one filed under
 # train/good) lifts it for every test image: on one split of 33 metal_nut images one val nut
 # scored 6.14 as it lay, the other six at most 1.82, and 67 of 93 defects passed (RESULTS.md).
-# Naming it, and the next one, lets the user look at that image.
+# Naming it, and the next one, lets the user look at that image. With many val images the
+# threshold is the k-th highest, k the largest with k / (n + 1) <= THRESHOLD_SHARE: a new good
+# image scores above it with chance k / (n + 1), under the targets' 5 % with room for good test
+# images lying a little higher than the val images (metal_nut, RESULTS.md). Below 99 val images
+# (every MVTec AD category at the default --val-fraction) k is 1, the highest. Solar cells, 113 val images, the 2nd highest:
+# F1 0.235 -> 0.345 and 0.333 -> 0.343 (seeds 0, 1), good flagged 0 -> 1 and 1 -> 1 of 377.
+THRESHOLD_SHARE = 0.02
+
+
+def threshold_rank(n_val):
+    """k: the threshold is the k-th highest of n_val val image scores."""
+    return max(1, int(THRESHOLD_SHARE * (n_val + 1) + 1e-9))
+
+
+def threshold_image(calibration):
+    """Index of the val image whose score is the threshold (threshold_rank's k-th highest)."""
+    scores = val_image_scores(calibration)
+    return int(np.argsort(-scores, kind="stable")[threshold_rank(len(scores)) - 1])
+
+
+def ordinal(k):
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+
+
+def threshold_rule(n_val):
+    k = threshold_rank(n_val)
+    return "max of val image scores" if k == 1 else f"{ordinal(k)} highest of {n_val} val image scores"
+
+
 def threshold_source(calibration):
-    """One line: the threshold, the val image that sets it and the next val image's score."""
+    """One line: the threshold, the val image that sets it, and the next val image's score (or,
+    where the threshold is not the highest, the highest's)."""
     names, scores = calibration["val_files"], val_image_scores(calibration)
-    first, *rest = np.argsort(scores)[::-1]
-    line = f"threshold {scores[first]:.4g}, set by val image {names[first]}"
-    if rest:
-        line += f" (the next, {names[rest[0]]}, scores {scores[rest[0]]:.4g})"
+    order, k = np.argsort(-scores, kind="stable"), threshold_rank(len(scores))
+    at = order[k - 1]
+    line = f"threshold {scores[at]:.4g}, set by val image {names[at]}"
+    if k > 1:
+        return (line + f", the {ordinal(k)} highest of {len(scores)} (about {k / (len(scores) + 1):.0%} of good "
+                f"images flagged; the highest, {names[order[0]]}, scores {scores[order[0]]:.4g})")
+    if len(order) > 1:
+        line += f" (the next, {names[order[1]]}, scores {scores[order[1]]:.4g})"
     return line
 
 
@@ -884,7 +921,10 @@ def parse_args(argv=None):
                         "faithfully, such as a region gone dark); off: the model's maps only")
     p.add_argument("--score", choices=["max", "topk"], default="max", help="image score from its map")
     p.add_argument("--topk", type=checks.positive_int, default=100, help="pixels averaged by --score topk")
-    p.add_argument("--threshold", type=checks.finite_float, help="image/pixel threshold (default: max val score)")
+    p.add_argument("--threshold", type=checks.finite_float,
+                   help="image/pixel threshold (default: the highest val image score; from "
+                        f"{round(2 / THRESHOLD_SHARE) - 1} val images on, the k-th highest with "
+                        f"k/(n+1) <= {THRESHOLD_SHARE:.0%}%)")
     p.add_argument("--recalibrate", action="store_true",
                    help="recompute the stored calibration (baseline, val maps, threshold) even if "
                         "its settings match")
@@ -978,10 +1018,10 @@ def evaluate_test(run, args, out):
         "map": args.map, "baseline": args.baseline, "sigma": args.sigma, "close": args.close,
         "score": args.score if args.score == "max" else f"top{args.topk}",
         "resolution": run.cfg["size"], "test_images": len(test), "val_images": n_val,
-        "threshold_rule": "--threshold" if args.threshold is not None else "max of val image scores",
+        "threshold_rule": "--threshold" if args.threshold is not None else threshold_rule(n_val),
         "threshold_set_by": None if args.threshold is not None else
-            calibration["val_files"][int(np.argmax(val_image_scores(calibration)))],
-        "expected_good_flagged (1/(val+1))": 1 / (n_val + 1),
+            calibration["val_files"][threshold_image(calibration)],
+        "expected_good_flagged (k/(val+1))": threshold_rank(n_val) / (n_val + 1),
         **detection_metrics(scores, labels, maps, masks, threshold),
     }
     if test.unmasked:

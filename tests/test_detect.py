@@ -231,6 +231,22 @@ def test_the_val_image_that_sets_the_threshold_is_named_with_the_next_one():
     assert detect.threshold_source(one) == "threshold 3, set by val image a.png"
 
 
+def test_with_many_val_images_the_threshold_is_the_kth_highest_so_one_unusual_image_does_not_set_it():
+    """A new good image beats the k-th highest of n val scores with chance k / (n + 1): the rank
+    is the largest k keeping that within THRESHOLD_SHARE, and 1 (the highest) for small sets."""
+    assert [detect.threshold_rank(n) for n in (1, 22, 98, 99, 113, 149, 1000)] == [1, 1, 1, 2, 2, 3, 20]
+    scores = np.arange(113, dtype=float)
+    scores[7] = 500.0  # one unusual good image
+    many = {"val_files": [f"{i:03d}.png" for i in range(113)], "val_scores": np.concatenate([scores, scores - 1])}
+    assert detect.threshold_image(many) == 112
+    assert detect.threshold_source(many) == ("threshold 112, set by val image 112.png, the 2nd highest of 113 "
+                                             "(about 2% of good images flagged; the highest, 007.png, scores 500)")
+    assert detect.threshold_rule(113) == "2nd highest of 113 val image scores"
+    assert detect.threshold_rule(22) == "max of val image scores"
+    few = {"val_files": ["a.png", "b.png"], "val_scores": np.array([1.0, 6.0])}
+    assert detect.threshold_image(few) == 1
+
+
 def test_combine_leaves_out_a_map_that_is_constant_on_the_val_images():
     """On a grey category the chroma map is zero everywhere: standardising it would divide by 0."""
     rng = np.random.default_rng(0)

@@ -109,7 +109,7 @@ def test_a_test_set_without_masks_gives_image_metrics_and_null_pixel_metrics(set
 def test_a_thin_calibration_is_warned_about_and_counted(setup, capsys):
     root, runs, results = setup
     metrics = detect_main(root, runs, results, "--no-pictures")
-    assert metrics["val_images"] == 1 and metrics["expected_good_flagged (1/(val+1))"] == 0.5
+    assert metrics["val_images"] == 1 and metrics["expected_good_flagged (k/(val+1))"] == 0.5
     assert ("warning: the threshold rests on 1 val image, so about 50% of good images will be flagged "
             "(1/(n+1)); add good images to train/good, or train with a larger --val-fraction") in capsys.readouterr().out
 
