@@ -915,7 +915,7 @@ def parse_args(argv=None):
                         "the parts only (pixels of that colour in the image and its reconstruction are "
                         "held at the map's floor); off: the map counts everywhere")
     p.add_argument("--template", choices=["auto", "off"], default="auto",
-                   help="auto: for a model that uses it (DAE), the map also counts each image's "
+                   help="auto: for a model that uses it (all but ar_savae), the map also counts each image's "
                         f"smoothed grey level against the mean of its {TEMPLATE_NEIGHBOURS} nearest training "
                         "images, over the training images' per-pixel spread (what a model reproduces "
                         "faithfully, such as a region gone dark); off: the model's maps only")

@@ -424,6 +424,15 @@ def test_where_images_are_of_two_kinds_each_loses_the_error_of_its_own_kind():
     assert "3 nearest" in line and "do not lie alike" in line
 
 
+def test_the_models_whose_detection_gained_by_the_template_ask_for_it():
+    """Four models reproduce a region gone dark as it is and gain by the template; AR-SAVAE loses
+    AUPRO by it and must not inherit SAVAE's choice (models.AutoEncoder.default_template)."""
+    from models import MODELS
+    auto = detect.parse_args(["--class", "x"])
+    asking = {name for name, cls in MODELS.items() if detect.uses_template(SimpleNamespace(model=cls, cfg={}), auto)}
+    assert asking == {"dae", "beta_vae", "savae", "vqvae"}
+
+
 def test_the_template_joins_the_maps_of_a_model_that_asks_for_it_unless_turned_off():
     run = SimpleNamespace(model=SimpleNamespace(default_template=True), cfg={})
     turned = SimpleNamespace(model=SimpleNamespace(default_template=True), cfg={"rotate_used": True})
