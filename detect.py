@@ -10,8 +10,7 @@ error), ssim (1 - SSIM, 11 x 11 window), msgms (1 - multi-scale gradient-magnitu
 feature (1 - cosine similarity of the model's own encoder features of input and reconstruction),
 and its extras (DAE: segment, its segmenter's probability that a pixel is a defect;
 SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll, the prior's -log p of each
-code, with the reconstruction decoded from prior-restored codes); and lpips
-(spatial LPIPS, real weights only), computed here. Without --map, the model's default_map
+code); and lpips (spatial LPIPS, real weights only), computed here. Without --map, the model's default_map
 (README, Detection, lists them and their measured effect).
 Each map first loses its baseline: the per-pixel mean of that map over the
 training images, the error every good image has at that place (--baseline none keeps it); where
@@ -561,6 +560,7 @@ def calibration_settings(args, run):
             **({"turned_by": TURN_INTERPOLATION} if val_turns(run.cfg) > 1 else {}),
             # chroma was its square before (models.chroma_map): calibrations with it recompute
             **({"chroma": "distance"} if "chroma" in run.names else {}),
+            **({"maps_revision": run.model.maps_revision} if run.model.maps_revision else {}),
             "background": args.background if args.background == "off" else
                           f"plain within {PLAIN_TOLERANCE * 255:g}/255 on {PLAIN_SHARE:g} of the border, grown {PART_GROW}",
             "template": f"{TEMPLATE_NEIGHBOURS} nearest training images, sigma {TEMPLATE_SIGMA:g}, "

@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import ROOT
 import detect
+import models
 
 
 def pairwise_auroc(scores, labels):
@@ -350,10 +351,20 @@ def test_the_background_rule_is_part_of_a_calibrations_settings():
     """Changing it (or turning it off) must recompute a stored calibration, not reuse one made
     with the other rule."""
     run = SimpleNamespace(ckpt_path=__file__, root=".", cfg={}, names=["ssim"],
-                          model=SimpleNamespace(default_template=False))
+                          model=SimpleNamespace(default_template=False, maps_revision=0))
     auto = detect.calibration_settings(detect.parse_args(["--class", "x"]), run)
     off = detect.calibration_settings(detect.parse_args(["--class", "x", "--background", "off"]), run)
     assert auto["background"].startswith("plain within") and off["background"] == "off"
+
+
+def test_a_models_maps_revision_is_part_of_a_calibrations_settings_once_raised():
+    """Maps that change for the same weights (the VQ-VAE's) recompute a stored calibration; the
+    models whose maps never changed keep theirs."""
+    def settings_of(model_class):
+        run = SimpleNamespace(ckpt_path=__file__, root=".", cfg={}, names=["ssim"], model=model_class)
+        return detect.calibration_settings(detect.parse_args(["--class", "x"]), run)
+    assert settings_of(models.VQVAE)["maps_revision"] == models.VQVAE.maps_revision > 0
+    assert "maps_revision" not in settings_of(models.DAE)
 
 
 def grey_uint8(levels):
