@@ -890,7 +890,7 @@ def parse_args(argv=None):
                           "with results/summary.csv and summary.md")
     p.add_argument("--model", choices=list(MODELS),
                    help="model name (default: the first trained one for the class, in the order "
-                        f"{', '.join(MODELS)}: best first, measured on bottle)")
+                        f"{', '.join(MODELS)}: best first on bottle and metal_nut)")
     p.add_argument("--checkpoint", help="checkpoint file (default: <runs>/<class>/<model>/best.pt)")
     p.add_argument("--data-root", help="folder holding the categories (default: the checkpoint's)")
     p.add_argument("--results", default="results", help="results go to <results>/<class>/")

@@ -386,9 +386,9 @@ def test_help_shows_every_models_defaults(capsys):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: recipe)" not in text
-    assert "dae 2400, beta_vae 3000, ar_savae 1920, savae 2400, vqvae 480 steps" in text  # --epochs
-    assert "dae 8, beta_vae 16, ar_savae 16, savae 16, vqvae 16" in text  # --batch-size
-    assert "ar_savae 360, savae 360, vqvae 480 steps" in text  # --prior-epochs
+    assert "dae 2400, savae 2400, ar_savae 1920, vqvae 480, beta_vae 3000 steps" in text  # --epochs
+    assert "dae 8, savae 16, ar_savae 16, vqvae 16, beta_vae 16" in text  # --batch-size
+    assert "savae 360, ar_savae 360, vqvae 480 steps" in text  # --prior-epochs
     assert "latent_dim=2048" in text and "lpips_weight=1.0" in text
 
 
