@@ -10,8 +10,9 @@ error), ssim (1 - SSIM, 11 x 11 window), msgms (1 - multi-scale gradient-magnitu
 feature (1 - cosine similarity of the model's own encoder features of input and reconstruction),
 and its extras (DAE: segment, its segmenter's probability that a pixel is a defect;
 SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll, the prior's -log p of each
-code); and lpips (spatial LPIPS, real weights only), computed here. Without --map, the model's default_map
-(README, Detection, lists them and their measured effect).
+code); and lpips (spatial LPIPS, real weights only), computed here. Without --map, the model's default_map,
+or its turned_map for a run that turned its few training images (README, Detection, lists them
+and their measured effect).
 Each map first loses its baseline: the per-pixel mean of that map over the
 training images, the error every good image has at that place (--baseline none keeps it); where
 the training images do not lie alike, the mean over each image's nearest training images
@@ -901,7 +902,8 @@ def parse_args(argv=None):
                    help="with --images: exit with code 3 when any image is flagged (for scripts)")
     p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (DAE: segment; "
                    "SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
-                   "(default: the model's default_map, printed when the run starts)")
+                   "(default: the model's default_map, or its turned_map for a run that turned its few "
+                   "training images; printed when the run starts)")
     p.add_argument("--sigma", type=checks.non_negative_float,
                    help="Gaussian smoothing of the map, pixels (default: the model's own; DAE 3, others 4)")
     p.add_argument("--close", type=checks.non_negative_int,
@@ -962,9 +964,10 @@ def find_checkpoint(args):
                       f"first: python train.py --model {model} --category {args.category}")
 
 
-def map_settings(args, model):
-    """--map, --close and --sigma: the model's own defaults where they were not given."""
-    args.map = args.map or model.default_map
+def map_settings(args, model, turned=False):
+    """--map, --close and --sigma: the model's own defaults where they were not given (its
+    turned_map, if it has one, for a run whose training turned its few images)."""
+    args.map = args.map or (turned and model.turned_map) or model.default_map
     args.close = model.default_close if args.close is None else args.close
     args.sigma = model.default_sigma if args.sigma is None else args.sigma
 
@@ -979,7 +982,7 @@ def load_run(args):
     checks.check_topk(args.score, args.topk, cfg["size"])
     root = args.data_root or cfg["data_root"]
     data.ensure_category(root, args.category, args.download)
-    map_settings(args, model)
+    map_settings(args, model, turned=cfg.get("rotate_used", False))
     names = args.map.split("+")
     allowed = {"lpips"} | model_map_names(model, device)
     if not set(names) <= allowed:
