@@ -141,14 +141,13 @@ def test_each_model_brings_its_own_map_closing_and_smoothing_unless_told_otherwi
 def test_a_run_that_turned_its_few_images_gets_the_models_turned_map_unless_told_otherwise():
     """The DAE's feature map pays only where training turned a few images; a model without a
     turned map keeps its default, and --map always wins."""
-    from models import MODELS
     def map_of(name, turned, *given):
         args = detect.parse_args(["--class", "x", *given])
-        detect.map_settings(args, MODELS[name], turned=turned)
+        detect.map_settings(args, models.MODELS[name], turned=turned)
         return args.map
-    assert map_of("dae", False) == MODELS["dae"].default_map and "feature" not in map_of("dae", False)
-    assert map_of("dae", True) == MODELS["dae"].turned_map and "feature" in map_of("dae", True)
-    assert map_of("savae", True) == MODELS["savae"].default_map
+    assert map_of("dae", False) == models.DAE.default_map and "feature" not in map_of("dae", False)
+    assert map_of("dae", True) == models.DAE.turned_map and "feature" in map_of("dae", True)
+    assert map_of("savae", True) == models.SAVAE.default_map
     assert map_of("dae", True, "--map", "ssim") == "ssim"
 
 
