@@ -1000,7 +1000,9 @@ def load_run(args):
 
 def map_line(run, args):
     """How the run's maps are made, for the first line a run prints."""
-    return f"at {run.cfg['size']} px, map {args.map}, closing {args.close} px, sigma {args.sigma:g} px"
+    turned = run.cfg.get("rotate_used", False) and args.map == run.model.turned_map != run.model.default_map
+    why = " (the model's map for a run that turned its few training images)" if turned else ""
+    return f"at {run.cfg['size']} px, map {args.map}{why}, closing {args.close} px, sigma {args.sigma:g} px"
 
 
 def evaluate_test(run, args, out):

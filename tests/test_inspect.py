@@ -189,6 +189,7 @@ def test_a_run_trained_on_turned_parts_also_calibrates_on_turned_val_images(setu
     detect_main(root, runs, results, "--no-pictures")
     out = capsys.readouterr().out
     assert "threshold rests on 1 val image, scored at 8 angles and moved 1 px each way: copies" in out
+    assert "map ssim+feature+chroma+segment (the model's map for a run that turned its few training images)" in out
     calibration = torch.load(detect.calibration_path(ckpt_path, "ssim+feature+chroma+segment"), weights_only=True)
     # turned val copies find their nearest training parts as unturned images do
     assert "template: on" in out and calibration["template"] is not None
