@@ -723,7 +723,8 @@ def stored_or_fresh_calibration(run, args):
     settings = calibration_settings(args, run)
     stored = None if args.recalibrate else read_calibration(path)
     if stored is not None and stored.get("settings") == settings:
-        print(f"calibration: reused {path} ({len(stored['val_files'])} val images)")
+        n_val = len(stored['val_files'])
+        print(f"calibration: reused {path} ({n_val} val image{'s' * (n_val != 1)})")
         return to_numpy(stored)
     reason = ("recomputed (--recalibrate)" if args.recalibrate else "computed" if stored is None
               else f"recomputed ({what_changed(stored.get('settings', {}), settings) or 'unreadable'})")
