@@ -1001,7 +1001,7 @@ def load_run(args):
 
 def map_line(run, args):
     """How the run's maps are made, for the first line a run prints."""
-    turned = run.cfg.get("rotate_used", False) and args.map == run.model.turned_map != run.model.default_map
+    turned = run.cfg.get("rotate_used", False) and args.map == run.model.turned_map
     why = " (the model's map for a run that turned its few training images)" if turned else ""
     return f"at {run.cfg['size']} px, map {args.map}{why}, closing {args.close} px, sigma {args.sigma:g} px"
 
