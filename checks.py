@@ -329,7 +329,7 @@ def weights_mismatch(path, name, error):
 RESUME_FIXED = {"model": "--model", "category": "--category", "size": "--size", "seed": "--seed",
                 "val_fraction": "--val-fraction", "batch_size": "--batch-size",
                 "latent_dim": "--latent-dim", "width": "--width", "bottleneck": "--bottleneck",
-                "beta": "--beta", "no_ema": "--no-ema", "rotate": "--rotate", "moved": "--moved",
+                "beta": "--beta", "no_ema": "--no-ema", "zoom": "--zoom", "rotate": "--rotate", "moved": "--moved",
                 "shift": "--shift"}
 # settings a resumed run takes from the command line, from the resumed epoch on: the schedule of
 # every stage (--epochs/--lr, --<stage>-epochs/--<stage>-lr) and the objective's weights

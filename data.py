@@ -277,6 +277,63 @@ def ensure_category(root, category, download=False, url=MVTEC_URL, sha256=MVTEC_
     return extract_category(archive, root, category)
 
 
+# ----------------------------------------------------------------------------- where the part is
+
+PLAIN_TOLERANCE = 16 / 255  # colour distance (RGB, 0-1) within which a pixel is the background's
+PLAIN_SHARE = 0.95  # share of the training images' border pixels that must lie that close
+
+
+def plain_background(images):
+    """(colour, share): the median colour (0-255) of the outer 2 px of uint8 images (N, 3, S, S)
+    and the share of those pixels within PLAIN_TOLERANCE of it; colour None when that share is
+    under PLAIN_SHARE (no plain background)."""
+    x = images.float()
+    frame = torch.cat([x[..., :2, :].flatten(2), x[..., -2:, :].flatten(2),
+                       x[..., 2:-2, :2].flatten(2), x[..., 2:-2, -2:].flatten(2)], 2)
+    pixels = frame.permute(0, 2, 1).reshape(-1, 3)
+    colour = pixels.median(0).values
+    share = float(((pixels - colour).norm(dim=1) <= PLAIN_TOLERANCE * 255).float().mean())
+    return (colour.tolist() if share >= PLAIN_SHARE else None), share
+
+
+def away_from(rgb, colour):
+    """bool (H, W): the pixels of an RGB array (H, W, 3; 0-255) farther than PLAIN_TOLERANCE
+    from the background's colour: the part."""
+    distance = np.linalg.norm(np.asarray(rgb, np.float32) - np.asarray(colour, np.float32), axis=-1)
+    return distance > PLAIN_TOLERANCE * 255
+
+
+def part_span(part):
+    """(centre y, centre x, height, width), fractions of the image, of the box from the 1st to the
+    99th percentile of the part's rows and columns (bool (H, W)), so a speck of dust does not
+    stretch it; the whole image where there is no part."""
+    ys, xs = np.nonzero(part)
+    if len(ys) == 0:
+        return 0.5, 0.5, 1.0, 1.0
+    (h, w), (y0, y1), (x0, x1) = part.shape, np.percentile(ys, [1, 99]), np.percentile(xs, [1, 99])
+    return (y0 + y1 + 1) / 2 / h, (x0 + x1 + 1) / 2 / w, (y1 - y0 + 1) / h, (x1 - x0 + 1) / w
+
+
+def part_box(im, zoom, size):
+    """The window (left, top, right, bottom; whole pixels of the PIL RGB image im) zoom["side"]
+    times its width and height, centred on its part (part_span on a size x size copy, against
+    zoom["colour"]). It may reach past the image's edges (cut_out fills there), so that every
+    part lies in the middle of its window. train.decide_zoom says when and how large."""
+    small = np.asarray(im.resize((size, size), Image.BILINEAR))
+    cy, cx, _, _ = part_span(away_from(small, zoom["colour"]))
+    width, height = round(zoom["side"] * im.width), round(zoom["side"] * im.height)
+    left, top = round(cx * im.width - width / 2), round(cy * im.height - height / 2)
+    return left, top, left + width, top + height
+
+
+def cut_out(im, box, fill):
+    """The pixels of PIL image im inside box, with fill where the box reaches past its edges."""
+    left, top, right, bottom = box
+    window = Image.new(im.mode, (right - left, bottom - top), fill)
+    window.paste(im, (-left, -top))
+    return window
+
+
 # ----------------------------------------------------------------------------- decoding
 
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (older Pillow: "I")
@@ -306,20 +363,31 @@ def mask_array(im):
     return values.any(-1) if values.ndim == 3 else values != 0
 
 
-def read_image(path, size):
-    """Decode to RGB (grayscale repeated to 3 channels), resize to size x size: uint8 (3, S, S)."""
+def read_zoomed(path, size, zoom=None):
+    """(uint8 (3, S, S), box): the image decoded to RGB (grayscale repeated to 3 channels) and
+    resized to size x size; with zoom, only the window part_box finds around its part, and box
+    that window (None without zoom)."""
     try:
         with Image.open(path) as im:
-            im = to_rgb(im).resize((size, size), Image.BILINEAR)
+            im, box = to_rgb(im), None
+            if zoom is not None:
+                box = part_box(im, zoom, size)
+                im = cut_out(im, box, tuple(round(c) for c in zoom["colour"]))
+            im = im.resize((size, size), Image.BILINEAR)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read image '{path}': {e}") from None
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), box
 
 
-def read_mask(path, size, image_path=None):
+def read_image(path, size, zoom=None):
+    """uint8 (3, S, S): read_zoomed without its box."""
+    return read_zoomed(path, size, zoom)[0]
+
+
+def read_mask(path, size, image_path=None, box=None):
     """Nearest-neighbour resize keeps the mask binary: uint8 {0, 1} (1, S, S). Non-zero pixels
     are defect. With image_path, a mask of another size than its image is an error, not a
-    silent resize (it would mark the wrong pixels)."""
+    silent resize (it would mark the wrong pixels). box: the image's zoom window (read_zoomed)."""
     if path is None:
         return torch.zeros(1, size, size, dtype=torch.uint8)
     try:
@@ -331,7 +399,7 @@ def read_mask(path, size, image_path=None):
                             f"mask '{path}' is {im.size[0]}x{im.size[1]} but its image '{image_path}' "
                             f"is {image.size[0]}x{image.size[1]}; a mask must have its image's size")
             binary = Image.fromarray(mask_array(im).astype(np.uint8))
-            binary = binary.resize((size, size), Image.NEAREST)
+            binary = (binary if box is None else cut_out(binary, box, 0)).resize((size, size), Image.NEAREST)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read mask '{path}': {e}") from None
     return torch.from_numpy(np.asarray(binary).astype(np.uint8))[None]
@@ -344,9 +412,10 @@ def decode_all(fn, items, desc):
                          disable=len(items) < 50))
 
 
-def load_split(root, category, split, size, val_fraction=0.1, seed=0, files=None):
+def load_split(root, category, split, size, val_fraction=0.1, seed=0, files=None, zoom=None):
     """Load one split ('train', 'val' or 'test') of a category into memory; files: the train or
-    val paths to load (split_files of a checkpoint's record) instead of recomputing the split."""
+    val paths to load (split_files of a checkpoint's record) instead of recomputing the split;
+    zoom: each image (and its mask) cut to the window around its part (part_box)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}")
     cat = category_dir(root, category)
@@ -359,8 +428,9 @@ def load_split(root, category, split, size, val_fraction=0.1, seed=0, files=None
         entries = [(p, "good", None) for p in files]
     if not entries:
         raise DatasetError(f"split '{split}' of '{cat}' is empty (val_fraction={val_fraction})")
-    images = decode_all(lambda e: read_image(e[0], size), entries, f"decode {category}/{split}")
-    masks = decode_all(lambda e: read_mask(e[2], size, e[0]), entries, f"masks {category}/{split}")
+    images, boxes = zip(*decode_all(lambda e: read_zoomed(e[0], size, zoom), entries, f"decode {category}/{split}"))
+    masks = decode_all(lambda i: read_mask(entries[i][2], size, entries[i][0], boxes[i]), range(len(entries)),
+                       f"masks {category}/{split}")
     return Split(
         images=torch.stack(images),
         labels=torch.tensor([int(d != "good") for _, d, _ in entries]),
@@ -391,9 +461,10 @@ def expand_images(patterns):
     return [str(p) for p in found]
 
 
-def decoded_batches(paths, size, batch_size, workers=None):
+def decoded_batches(paths, size, batch_size, workers=None, zoom=None):
     """Yield (paths, uint8 images (B, 3, S, S)) batch by batch, decoding ahead in a thread pool
-    (PIL releases the GIL), so the caller scores one batch while the next ones decode."""
+    (PIL releases the GIL), so the caller scores one batch while the next ones decode; zoom as
+    in load_split."""
     workers = workers or min(8, os.cpu_count() or 1)
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
 
@@ -403,7 +474,7 @@ def decoded_batches(paths, size, batch_size, workers=None):
     with ThreadPoolExecutor(max_workers=workers) as pool:
         ahead = collections.deque()
         for chunk in chunks:
-            ahead.append((chunk, [pool.submit(read_image, p, size) for p in chunk]))
+            ahead.append((chunk, [pool.submit(read_image, p, size, zoom) for p in chunk]))
             if len(ahead) > 2:  # two batches decoding while the caller works on one
                 yield finish(*ahead.popleft())
         while ahead:

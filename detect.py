@@ -63,6 +63,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import checks  # noqa: E402
 import data  # noqa: E402
+from data import PLAIN_SHARE, PLAIN_TOLERANCE, plain_background  # noqa: E402
 import losses  # noqa: E402
 from models import MODELS  # noqa: E402
 from train import (ALIKE_CORR, TURN_INTERPOLATION, add_shared_options, lie_alike, move, pick_device, rotate, run_dir,  # noqa: E402
@@ -267,31 +268,16 @@ def image_scores(maps, rule, topk):
 # a few pixels past its outline (the smoothing, the feature map's receptive field), and filling
 # raises a nut's hole with the nut around it: pixels that no defect's mask holds, beside the
 # defects that score highest (a flipped nut's mask is the whole nut less its hole). Where the
-# training images' border is one colour, a pixel of that colour in an image and in its
-# reconstruction shows no part, so no defect of one; the map there is held at the image's lowest
-# value. A part missing from where its reconstruction draws it keeps its map. Pixel AUROC /
+# training images' border is one colour (data.plain_background), a pixel of that colour in an
+# image and in its reconstruction shows no part, so no defect of one; the map there is held at
+# the image's lowest value. A part missing from where its reconstruction draws it keeps its map. Pixel AUROC /
 # AUPRO, metal_nut 0.966 / 0.926 -> 0.974 / 0.941 (seed 1 0.963 / 0.917 -> 0.970 / 0.931), its
 # grey copy 0.954 / 0.837 -> 0.963 / 0.864, bottle 0.987 / 0.943 both; image scores unchanged
 # (RESULTS.md). Textures and busy scenes have no plain border and keep the map everywhere.
-PLAIN_TOLERANCE = 16 / 255  # colour distance (RGB, 0-1) within which a pixel is the background's
-PLAIN_SHARE = 0.95  # share of the training images' border pixels that must lie that close
 # px the part is grown by: a bent lobe's mask reaches past the part (grown 1 px its pixels read
 # 0.971 against good images' pixels, 2 px 0.989, 3 px 0.994, ungated 0.996); 3 px loses no
 # defect type on metal_nut, 1 px would lift the flipped nuts more
 PART_GROW = 3
-
-
-def plain_background(images):
-    """(colour, share): the median colour (0-255) of the outer 2 px of uint8 images (N, 3, S, S)
-    and the share of those pixels within PLAIN_TOLERANCE of it; colour None when that share is
-    under PLAIN_SHARE (no plain background)."""
-    x = images.float()
-    frame = torch.cat([x[..., :2, :].flatten(2), x[..., -2:, :].flatten(2),
-                       x[..., 2:-2, :2].flatten(2), x[..., 2:-2, -2:].flatten(2)], 2)
-    pixels = frame.permute(0, 2, 1).reshape(-1, 3)
-    colour = pixels.median(0).values
-    share = float(((pixels - colour).norm(dim=1) <= PLAIN_TOLERANCE * 255).float().mean())
-    return (colour.tolist() if share >= PLAIN_SHARE else None), share
 
 
 def part_pixels(images, recons, colour):
@@ -589,10 +575,12 @@ def compute_calibration(run, args, settings):
     (val_copies), and, for the baseline, the recorded train images."""
     root, category, size = run.root, args.category, run.cfg["size"]
     split = checks.split_of(run.ckpt, run.ckpt_path, root, category)
-    val = data.load_split(root, category, "val", size, files=data.split_files(root, category, split, "val"))
+    val = data.load_split(root, category, "val", size, files=data.split_files(root, category, split, "val"),
+                          zoom=run.zoom)
     copies = val_copies(val.images, settings)
     raw, recons, _ = run.maps_of(copies)
-    train = data.load_split(root, category, "train", size, files=data.split_files(root, category, split, "train"))
+    train = data.load_split(root, category, "train", size, files=data.split_files(root, category, split, "train"),
+                            zoom=run.zoom)
     template = template_statistics(train.images) if uses_template(run, args) else None
     baseline, nearest, alike = None, None, None
     if args.baseline == "train":  # a training image's template is made without itself (skip_self)
@@ -996,19 +984,21 @@ def load_run(args):
                             extra=picture_maps(allowed) if pictures else ())
     split = checks.split_of(ckpt, ckpt_path, root, args.category)
     return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, cfg=cfg, root=root, names=names,
-                           maps_of=maps_of, n_val=len(split["val"]), name=ckpt["model_name"])
+                           maps_of=maps_of, n_val=len(split["val"]), name=ckpt["model_name"],
+                           zoom=cfg.get("zoom_window"))
 
 
 def map_line(run, args):
     """How the run's maps are made, for the first line a run prints."""
     turned = run.cfg.get("rotate_used", False) and args.map == run.model.turned_map
     why = " (the model's map for a run that turned its few training images)" if turned else ""
-    return f"at {run.cfg['size']} px, map {args.map}{why}, closing {args.close} px, sigma {args.sigma:g} px"
+    zoom = f" of the {run.zoom['side']:.0%} window around each image's part" if run.zoom else ""
+    return f"at {run.cfg['size']} px{zoom}, map {args.map}{why}, closing {args.close} px, sigma {args.sigma:g} px"
 
 
 def evaluate_test(run, args, out):
     """Score test/ against its labels (and masks, where ground_truth/ has them)."""
-    test = data.load_split(run.root, args.category, "test", run.cfg["size"])
+    test = data.load_split(run.root, args.category, "test", run.cfg["size"], zoom=run.zoom)
     print(f"{run.name} ({run.ckpt_path}): {len(test)} test / {run.n_val} val images {map_line(run, args)}")
     calibration = calibrate(run, args)
     raw, recons, epistemic = run.maps_of(test.images, pictures=not args.no_pictures)
@@ -1080,7 +1070,7 @@ def inspect_images(run, args, paths, out):
     threshold = args.threshold if args.threshold is not None else calibration["threshold"]
     kept = {"images": [], "recons": [], "maps": [], "epistemic": []}
     scores = []
-    batches = data.decoded_batches(paths, run.cfg["size"], args.batch_size)
+    batches = data.decoded_batches(paths, run.cfg["size"], args.batch_size, zoom=run.zoom)
     for _, images in tqdm(batches, total=-(-len(paths) // args.batch_size), desc="score", leave=False):
         maps, recons, epistemic, batch_scores = score_batch(run, calibration, images, args)
         scores.append(batch_scores)

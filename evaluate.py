@@ -177,8 +177,9 @@ def to_uint8(x):
     return x.clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
 
 
-def ensure_reference(root, category, size, folder):
-    """Write every train/good image at `size` px as PNG into `folder` once; returns the count.
+def ensure_reference(root, category, size, folder, zoom=None):
+    """Write every train/good image at `size` px (cut to its part's window, for a zoomed run) as
+    PNG into `folder` once; returns the count.
 
     Reused when it already holds exactly those files; written to a temporary folder and renamed,
     so an interrupted run never leaves a partial reference that looks complete."""
@@ -187,7 +188,7 @@ def ensure_reference(root, category, size, folder):
     if folder.is_dir() and sorted(p.name for p in folder.iterdir()) == names:
         return len(names)
     # val_fraction 0: the 'train' split is then all of train/good (train + val)
-    split = data.load_split(root, category, "train", size, val_fraction=0.0)
+    split = data.load_split(root, category, "train", size, val_fraction=0.0, zoom=zoom)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -211,12 +212,14 @@ def save_samples(model, n, batch_size, seed, folder, desc):
 
 
 @functools.lru_cache(maxsize=4)  # models of one category share these images: decode them once
-def held_out_normal(root, category, size, val_files):
-    """Normal images the model never trained on: its val files (as recorded in training) and test/good."""
-    test = data.load_split(root, category, "test", size)
+def held_out_normal(root, category, size, val_files, zoom=None):
+    """Normal images the model never trained on: its val files (as recorded in training) and
+    test/good. zoom: a zoomed run's (side, colour), as tuples so the cache can key on it."""
+    zoom = None if zoom is None else {"side": zoom[0], "colour": list(zoom[1])}
+    test = data.load_split(root, category, "test", size, zoom=zoom)
     parts = [test.images[test.labels == 0]]
     if val_files:
-        parts.append(data.load_split(root, category, "val", size, files=list(val_files)).images)
+        parts.append(data.load_split(root, category, "val", size, files=list(val_files), zoom=zoom).images)
     images = torch.cat(parts)
     if len(images) == 0:
         raise EvaluationError(f"category '{category}' has no val or test/good images to reconstruct")
@@ -275,6 +278,8 @@ def evaluate_model(category, name, path, args, device, inception, perceptual):
     root = args.data_root or config.get("data_root") or data.DEFAULT_ROOT
     data.ensure_category(root, category, args.download)
     size = model.config["image_size"]
+    zoom = config.get("zoom_window")  # the run saw each image cut to its part's window: so do these
+    reference = f"reference_{size}" + (f"_zoom{zoom['side']:g}" if zoom else "")
     row = {"category": category, "model": name, "resolution": size, "checkpoint": str(path)}
     eval_dir = Path(args.runs) / "eval" / category
     prior_trained = ckpt.get("stage_index", 0) == len(model.stages) - 1
@@ -282,16 +287,17 @@ def evaluate_model(category, name, path, args, device, inception, perceptual):
         print(f"note: {name}: checkpoint '{path}' stops before its '{model.stages[-1]}' stage, so its "
               "prior is untrained; generation metrics skipped (finish training first)")
     elif inception:
-        n_ref = ensure_reference(root, category, size, eval_dir / f"reference_{size}")
+        n_ref = ensure_reference(root, category, size, eval_dir / reference, zoom)
         gen_dir = eval_dir / name / "gen"
         save_samples(model, args.num_samples, args.batch_size, args.seed, gen_dir, f"sample {name}")
         print(f"{category}/{name}: FID / IS / KID of {args.num_samples} samples against {n_ref} "
               f"train/good images at {size} px ...")
         row.update(num_samples=args.num_samples, reference_images=n_ref, seed=args.seed,
-                   **fidelity_metrics(gen_dir, eval_dir / f"reference_{size}", args.num_samples, n_ref,
+                   **fidelity_metrics(gen_dir, eval_dir / reference, args.num_samples, n_ref,
                                       *inception, device.type == "cuda", args.batch_size, args.seed))
     split = checks.split_of(ckpt, path, root, category)
-    images = held_out_normal(root, category, size, tuple(data.split_files(root, category, split, "val")))
+    images = held_out_normal(root, category, size, tuple(data.split_files(root, category, split, "val")),
+                             zoom and (zoom["side"], tuple(zoom["colour"])))
     row.update(reconstruction_metrics(model, images, args.batch_size, device, perceptual))
     return row
 

@@ -29,3 +29,41 @@ def gray_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("mvtec_gray")
     data.make_synthetic_category(root, "synthetic_gray", size=64, grayscale=True, seed=1)
     return root
+
+
+def write_small_parts(root, category="small_parts", size=96, part=20, n_train=24, seed=0):
+    """A small part (a bright L with grain) anywhere on a plain dark table, in the MVTec layout:
+    n_train train/good, 4 test/good, 4 test/spot (a dark spot on the part, masked). A screw on
+    a table in miniature: the part spans about a fifth of the frame, at changing places."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    cat = Path(root) / category
+
+    def image(spot):
+        x = np.full((size, size, 3), 24, np.uint8)
+        y0, x0 = rng.integers(2, size - part - 2, size=2)
+        piece = np.zeros((part, part), bool)
+        piece[:, :6] = piece[-6:, :] = True
+        x[y0:y0 + part, x0:x0 + part][piece] = rng.integers(180, 230, (int(piece.sum()), 3))
+        mask = np.zeros((size, size), np.uint8)
+        if spot:
+            mask[y0 + part - 5:y0 + part - 1, x0 + 8:x0 + 12] = 255
+            x[mask > 0] = 40
+        return x, mask
+
+    for folder, n, spot in (("train/good", n_train, False), ("test/good", 4, False), ("test/spot", 4, True)):
+        (cat / folder).mkdir(parents=True)
+        for i in range(n):
+            x, mask = image(spot)
+            Image.fromarray(x).save(cat / folder / f"{i:03d}.png")
+            if spot:
+                (cat / "ground_truth/spot").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask).save(cat / "ground_truth/spot" / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_parts_root(tmp_path_factory):
+    """<root>/small_parts: write_small_parts' category."""
+    return write_small_parts(tmp_path_factory.mktemp("mvtec_small"))

@@ -3,8 +3,10 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT
 import data
@@ -98,3 +100,35 @@ def test_scripts_print_one_error_line_not_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "categories found: cat" in lines[0]
+
+
+def test_the_parts_span_leaves_out_a_speck_and_is_the_whole_image_without_a_part():
+    part = np.zeros((100, 100), bool)
+    part[20:40, 50:90] = True  # 20 rows, 40 columns
+    part[95, 2] = True  # a speck of dust far away
+    cy, cx, height, width = data.part_span(part)
+    assert abs(cy - 0.30) < 0.02 and abs(cx - 0.70) < 0.02 and abs(height - 0.2) < 0.02 and abs(width - 0.4) < 0.02
+    assert data.part_span(np.zeros((8, 8), bool)) == (0.5, 0.5, 1.0, 1.0)
+
+
+def test_a_zoomed_image_and_its_mask_are_cut_to_the_same_window_around_the_part(small_parts_root):
+    """The window follows the part wherever it lies, stays inside the image, and the mask is cut
+    with it: the marked pixels are the dark spot's, and there are many more of them than when
+    the whole frame is resized."""
+    whole = data.load_split(small_parts_root, "small_parts", "test", 32)
+    zoom = {"side": 0.3, "colour": [24, 24, 24]}
+    zoomed = data.load_split(small_parts_root, "small_parts", "test", 32, zoom=zoom)
+    assert zoomed.images.shape == whole.images.shape and zoomed.masks.shape == whole.masks.shape
+    for image, mask in zip(zoomed.images, zoomed.masks):
+        part = data.away_from(image.permute(1, 2, 0).numpy(), zoom["colour"])
+        cy, cx, _, _ = data.part_span(part)
+        assert abs(cy - 0.5) < 0.1 and abs(cx - 0.5) < 0.1  # the part in the window's middle
+        if mask.any():
+            assert image[:, mask[0].bool()].float().mean() < image[:, torch.from_numpy(part)].float().mean() / 2
+    assert zoomed.masks[4:].sum() > 5 * whole.masks[4:].sum()
+    corner = Image.new("RGB", (40, 40), (24, 24, 24))
+    corner.paste((200, 200, 200), (0, 0, 8, 8))  # a part at the image's corner
+    box = data.part_box(corner, {"side": 0.5, "colour": [24, 24, 24]}, 40)
+    assert box == (-6, -6, 14, 14)  # centred on the part, past the edges
+    window = np.asarray(data.cut_out(corner, box, (24, 24, 24)))
+    assert (window[:6] == 24).all() and (window[:, :6] == 24).all() and (window[6:14, 6:14] == 200).all()

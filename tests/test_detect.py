@@ -470,3 +470,27 @@ def test_the_template_joins_the_maps_of_a_model_that_asks_for_it_unless_turned_o
     template = {"grey": np.full((1, 8, 8), 51, np.uint8), "std": np.zeros((8, 8), np.float32)}
     both = detect.with_template(raw, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), template)
     assert list(both) == ["ssim", "template"] and np.allclose(both["template"], 0.2 / detect.TEMPLATE_FLOOR)
+
+
+def test_a_zoomed_run_is_scored_on_the_window_around_each_part_test_and_new_images_alike(small_parts_root, tmp_path):
+    """train.py zooms onto the small parts; detect.py cuts every image and mask the same way,
+    says so, and scores a new image as the same test image."""
+    runs = tmp_path / "runs"
+    subprocess.run([sys.executable, "train.py", "--model", "dae", "--category", "small_parts", "--data-root",
+                    str(small_parts_root), "--size", "32", "--epochs", "3", "--batch-size", "8",
+                    "--out", str(runs / "small_parts" / "dae")], cwd=ROOT, check=True, capture_output=True)
+    results = tmp_path / "results"
+    common = ["--class", "small_parts", "--runs", str(runs), "--results", str(results), "--no-pictures"]
+    r = subprocess.run([sys.executable, "detect.py", *common, "--save-maps"],
+                       cwd=ROOT, check=True, capture_output=True, text=True)
+    assert "window around each image's part" in r.stdout.splitlines()[0]
+    maps = np.load(results / "small_parts" / "maps.npz")
+    assert maps["maps"].shape == maps["masks"].shape == (8, 32, 32)
+    assert maps["masks"][4:].sum(axis=(1, 2)).min() >= 8  # a 4 px spot of 96 px, zoomed: not 1 or 2 px
+    new = small_parts_root / "small_parts" / "test" / "spot" / "000.png"
+    subprocess.run([sys.executable, "detect.py", *common, "--images", str(new)], cwd=ROOT, check=True,
+                   capture_output=True)
+    inspected = next((results / "small_parts" / "inspect").iterdir()) / "scores.csv"
+    score = float(inspected.read_text().splitlines()[1].split(",")[1])
+    tested = [row.split(",") for row in (results / "small_parts" / "scores.csv").read_text().splitlines()[1:]]
+    assert score == pytest.approx(next(float(row[3]) for row in tested if row[0] == str(new)), rel=1e-4)

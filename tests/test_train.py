@@ -489,3 +489,35 @@ def test_blob_masks_cover_the_share_asked_of_each_image():
     masks = train.smooth_noise_masks(4, 64, coverage)
     assert masks.shape == (4, 1, 64, 64) and set(masks.unique().tolist()) == {0.0, 1.0}
     assert torch.allclose(masks.flatten(1).mean(1), coverage, atol=1 / 64 ** 2)  # to the pixel
+
+
+def parts_on_a_table(n, size=64, part=12, places="random"):
+    """n images of a bright square part on a plain dark table, at random places or all at one."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((n, 3, size, size), 20, dtype=torch.uint8)
+    for i in range(n):
+        y0, x0 = torch.randint(0, size - part, (2,), generator=gen) if places == "random" else (10, 10)
+        x[i, :, y0:y0 + part, x0:x0 + part] = 200
+    return x
+
+
+def test_zoom_is_on_only_for_small_parts_at_changing_places_on_a_plain_background():
+    small = parts_on_a_table(8)
+    zoom, why = train.decide_zoom("auto", small)
+    assert zoom["colour"] == [20, 20, 20] and "at changing places" in why
+    assert abs(zoom["side"] - train.ZOOM_MARGIN * 12 / 64) < 0.02 and type(zoom["side"]) is float
+    assert train.decide_zoom("off", small) == (None, "--zoom off")
+    assert "lie alike" in train.decide_zoom("auto", parts_on_a_table(8, places="one"))[1]  # a misplaced part shows
+    assert "fill the frame" in train.decide_zoom("auto", parts_on_a_table(8, part=48))[1]
+    texture = (torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    assert "no plain background" in train.decide_zoom("auto", texture)[1]
+
+
+def test_zoom_is_printed_recorded_and_kept_by_a_resume(small_parts_root, tmp_path):
+    r = run_train(small_parts_root, "small_parts", tmp_path, "--model", "dae", "--epochs", "1")
+    assert "zoom on: parts span at most" in r.stdout
+    config = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert 0 < config["zoom_window"]["side"] < train.ZOOM_MAX_SIDE and config["zoom"] == "auto"
+    r = run_train(small_parts_root, "small_parts", tmp_path, "--model", "dae", "--epochs", "2", "--resume",
+                  "--zoom", "off", check=False)
+    assert r.returncode != 0 and "--zoom is off but the run" in r.stderr and "Traceback" not in r.stderr
