@@ -625,10 +625,10 @@ def decide_moved(mode, model_name, images):
 # gets more pixels and always lies in the window's middle. Parts that lie alike keep the whole
 # frame, where a part in the wrong place is itself a defect. Grey metal_nut images placed anywhere
 # in a frame twice their size (seeds 0 / 1, image / pixel AUROC / AUPRO): whole frame 0.824 /
-# 0.994 / 0.951, F1 0.000 and 0.814 / 0.994 / 0.948, F1 0.821; zoomed 0.963 / 0.981 / 0.908, F1
-# 0.912 and 0.962 / 0.978 / 0.908, F1 0.913 (pixel figures of the windows; pasted back into the
-# whole frame 0.995 / 0.976 and 0.994 / 0.976). Windows kept inside the image: 0.923, F1 0.158, a
-# nut at the frame's edge off centre in its window setting the threshold (RESULTS.md).
+# 0.994 / 0.951, F1 0.000 and 0.814 / 0.994 / 0.948, F1 0.821; zoomed 0.957 / 0.983 / 0.910 and
+# 0.950 / 0.981 / 0.903, F1 0.933 both (pixel figures of the windows; pasted back into the whole
+# frame 0.995 / 0.976 and 0.995 / 0.974). Windows kept inside the image: 0.923, F1 0.158, a nut
+# at the frame's edge off centre in its window setting the threshold (RESULTS.md).
 ZOOM_MARGIN = 1.25  # room around the largest part: a part found a little off centre, a bent lead
 ZOOM_MAX_SIDE = 0.75  # a larger window gains under 1.8x the pixels: not worth moving the part
 

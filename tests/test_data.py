@@ -111,6 +111,17 @@ def test_the_parts_span_leaves_out_a_speck_and_is_the_whole_image_without_a_part
     assert data.part_span(np.zeros((8, 8), bool)) == (0.5, 0.5, 1.0, 1.0)
 
 
+def test_specks_of_noise_on_a_plain_table_are_not_taken_for_the_part():
+    """3 % of the table's pixels 30 levels off (the border rule lets 5 % through): the part's box
+    stays the part's; without the median each speck would count and the box fill the frame."""
+    table = np.full((64, 64, 3), 200, np.uint8)
+    table[20:30, 10:20] = 60  # the part
+    specks = np.random.default_rng(0).random((64, 64)) < 0.03
+    table[specks & (table[..., 0] == 200)] = 170
+    cy, cx, height, width = data.part_span(data.away_from(table, [200, 200, 200]))
+    assert abs(cy - 25 / 64) < 0.02 and abs(cx - 15 / 64) < 0.02 and height < 0.2 and width < 0.2
+
+
 def test_a_zoomed_image_and_its_mask_are_cut_to_the_same_window_around_the_part(small_parts_root):
     """The window follows the part wherever it lies, stays inside the image, and the mask is cut
     with it: the marked pixels are the dark spot's, and there are many more of them than when
