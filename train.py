@@ -738,9 +738,14 @@ def load_data(args, rank, world, resume):
         dist.barrier()  # the other processes wait for rank 0's download
     split = (checks.split_of(resume, os.path.join(args.out, "checkpoint.pt"), args.data_root, args.category)
              if resume else data.split_record(args.data_root, args.category, args.val_fraction, args.seed))
-    return [split] + [data.load_split(args.data_root, args.category, which, args.size,
-                                      files=data.split_files(args.data_root, args.category, split, which))
-                      for which in ("train", "val")]
+    return (split, *train_and_val(args, split))
+
+
+def train_and_val(args, split, zoom=None):
+    """The recorded train and val files, decoded at --size (each cut to its part's window with zoom)."""
+    return [data.load_split(args.data_root, args.category, which, args.size, zoom=zoom,
+                            files=data.split_files(args.data_root, args.category, split, which))
+            for which in ("train", "val")]
 
 
 def load_perceptual(model, args, device, rank):
@@ -793,9 +798,7 @@ def main(argv=None):
     if resume and "zoom_window" not in resume["config"]:  # a run from before zooming existed
         args.zoom_window, why_zoom = None, "the run being resumed was trained on whole images"
     if args.zoom_window:
-        train, val = (data.load_split(args.data_root, args.category, which, args.size, zoom=args.zoom_window,
-                                      files=data.split_files(args.data_root, args.category, split, which))
-                      for which in ("train", "val"))
+        train, val = train_and_val(args, split, args.zoom_window)
     args.rotate_used, why = decide_rotation(args.rotate, train.images)
     args.moved_share, why_moved = decide_moved(args.moved, args.model, train.images)
     if resume and "moved_share" not in resume["config"]:  # a run from before moved blobs existed

@@ -7,7 +7,9 @@ from pathlib import Path
 # (set before torch is imported, inherited by the subprocesses the tests start).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,8 +37,6 @@ def write_small_parts(root, category="small_parts", size=96, part=20, n_train=24
     """A small part (a bright L with grain) anywhere on a plain dark table, in the MVTec layout:
     n_train train/good, 4 test/good, 4 test/spot (a dark spot on the part, masked). A screw on
     a table in miniature: the part spans about a fifth of the frame, at changing places."""
-    import numpy as np
-    from PIL import Image
     rng = np.random.default_rng(seed)
     cat = Path(root) / category
 

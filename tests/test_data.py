@@ -123,9 +123,9 @@ def test_specks_of_noise_on_a_plain_table_are_not_taken_for_the_part():
 
 
 def test_a_zoomed_image_and_its_mask_are_cut_to_the_same_window_around_the_part(small_parts_root):
-    """The window follows the part wherever it lies, stays inside the image, and the mask is cut
-    with it: the marked pixels are the dark spot's, and there are many more of them than when
-    the whole frame is resized."""
+    """The window follows the part wherever it lies, past the image's edge if need be (filled with
+    the table's colour), and the mask is cut with it: the marked pixels are the dark spot's, and
+    there are many more of them than when the whole frame is resized."""
     whole = data.load_split(small_parts_root, "small_parts", "test", 32)
     zoom = {"side": 0.3, "colour": [24, 24, 24]}
     zoomed = data.load_split(small_parts_root, "small_parts", "test", 32, zoom=zoom)
