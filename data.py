@@ -282,30 +282,74 @@ def ensure_category(root, category, download=False, url=MVTEC_URL, sha256=MVTEC_
 
 # ----------------------------------------------------------------------------- where the part is
 
-PLAIN_TOLERANCE = 16 / 255  # colour distance (RGB, 0-1) within which a pixel is the background's
+# A plain table is one whose colour changes slowly across the image: one colour, or a lamp to one
+# side and a lens darker at the corners. Each image's table is the surface, quadratic in x and y
+# per channel, fitted to those of the image's own outer BORDER px near their median colour (a part
+# touching the edge does not pull it), then again to those within PLAIN_TOLERANCE of that fit (the
+# far ends of a lit table come back). One colour for every image called a table lit 30 levels
+# darker at the corners than at its centre not plain (79 % of its border within the tolerance);
+# the fitted surfaces call it plain (RESULTS.md, "A table lit unevenly").
+PLAIN_TOLERANCE = 16 / 255  # colour distance (RGB, 0-1) within which a pixel shows the table
 PLAIN_SHARE = 0.95  # share of the training images' border pixels that must lie that close
+BORDER = 2  # px of each edge the table is fitted to
+
+
+def centred(start, count, total):
+    """Centred coordinates (-0.5 .. 0.5 of total) of pixels start .. start + count - 1."""
+    return (torch.arange(start, start + count, dtype=torch.float64) + 0.5) / total - 0.5
+
+
+def table_basis(v, u):
+    """(..., 6): the terms of a quadratic in the centred row and column coordinates v, u."""
+    return torch.stack([torch.ones_like(u), u, v, u * u, v * v, u * v], -1)
+
+
+def table_fit(images):
+    """(tables (N, 3, 6), off (N, K)) for uint8 images (N, 3, H, W): each image's table as the
+    coefficients of table_basis (centred coordinates of that image), and the colour distance (0-255)
+    of each of its K border pixels from it."""
+    n, _, height, width = images.shape
+    ring = torch.ones(height, width, dtype=torch.bool)
+    ring[BORDER:-BORDER, BORDER:-BORDER] = False
+    v, u = torch.meshgrid(centred(0, height, height), centred(0, width, width), indexing="ij")
+    basis, values = table_basis(v[ring], u[ring]), images[..., ring].double()  # (K, 6), (N, 3, K)
+    off = (values - values.median(-1, keepdim=True).values).norm(dim=1)
+    for reach in (2 * PLAIN_TOLERANCE, PLAIN_TOLERANCE):  # near the median colour, then near the first fit
+        weights = (off <= reach * 255).double()  # weighted least squares: (B' W B) t = B' W y
+        gram = torch.einsum("kp,nk,kq->npq", basis, weights, basis) + 1e-9 * torch.eye(6, dtype=torch.float64)
+        moments = torch.einsum("kp,nk,nck->ncp", basis, weights, values)
+        tables = torch.linalg.solve(gram[:, None], moments[..., None])[..., 0]
+        off = (values - tables @ basis.T).norm(dim=1)
+    return tables, off
+
+
+def table_surface(tables, v, u):
+    """(N, 3, len(v), len(u)) float: the tables (N, 3, 6) at centred coordinates v (rows), u (columns)."""
+    v, u = torch.meshgrid(v, u, indexing="ij")
+    return torch.einsum("ncp,hwp->nchw", tables, table_basis(v, u))
 
 
 def plain_background(images):
-    """(colour, share): the median colour (0-255) of the outer 2 px of uint8 images (N, 3, S, S)
-    and the share of those pixels within PLAIN_TOLERANCE of it; colour None when that share is
-    under PLAIN_SHARE (no plain background)."""
-    x = images.float()
-    frame = torch.cat([x[..., :2, :].flatten(2), x[..., -2:, :].flatten(2),
-                       x[..., 2:-2, :2].flatten(2), x[..., 2:-2, -2:].flatten(2)], 2)
-    pixels = frame.permute(0, 2, 1).reshape(-1, 3)
-    colour = pixels.median(0).values
-    share = float(((pixels - colour).norm(dim=1) <= PLAIN_TOLERANCE * 255).float().mean())
-    return (colour.tolist() if share >= PLAIN_SHARE else None), share
+    """(plain, share): the share of the training images' (uint8 N, 3, S, S) border pixels within
+    PLAIN_TOLERANCE of their own image's table, and whether it reaches PLAIN_SHARE."""
+    share = float((table_fit(images)[1] <= PLAIN_TOLERANCE * 255).double().mean())
+    return share >= PLAIN_SHARE, share
 
 
-def away_from(rgb, colour):
+def tables_of(images):
+    """(N, 3, S, S) float: each image's (uint8 N, 3, S, S) table over the whole image."""
+    _, _, height, width = images.shape
+    return table_surface(table_fit(images)[0], centred(0, height, height), centred(0, width, width))
+
+
+def away_from(rgb, table):
     """bool (H, W): the pixels of a uint8 RGB array (H, W, 3) farther than PLAIN_TOLERANCE from
-    the background's colour once each is the median of its 3 x 3 neighbourhood: the part, without
-    the specks of noise a plain table still shows (the border rule lets 5 % of them through, and
-    1 % spread over the image would stretch the part's box to the whole frame)."""
+    the table (its colour, or its surface (H, W, 3)) once each is the median of its 3 x 3
+    neighbourhood: the part, without the specks of noise a plain table still shows (the border
+    rule lets 5 % of them through, and 1 % spread over the image would stretch the part's box to
+    the whole frame)."""
     rgb = np.asarray(Image.fromarray(np.asarray(rgb, np.uint8)).filter(ImageFilter.MedianFilter(3)), np.float32)
-    return np.linalg.norm(rgb - np.asarray(colour, np.float32), axis=-1) > PLAIN_TOLERANCE * 255
+    return np.linalg.norm(rgb - np.asarray(table, np.float32), axis=-1) > PLAIN_TOLERANCE * 255
 
 
 def part_span(part):
@@ -320,21 +364,34 @@ def part_span(part):
 
 
 def part_box(im, zoom, size):
-    """The window (left, top, right, bottom; whole pixels of the PIL RGB image im) zoom["side"]
-    times its width and height, centred on its part (part_span on a size x size copy, against
-    zoom["colour"]). It may reach past the image's edges (cut_out fills there), so that every
-    part lies in the middle of its window. train.decide_zoom says when and how large."""
-    small = np.asarray(im.resize((size, size), Image.BILINEAR))
-    cy, cx, _, _ = part_span(away_from(small, zoom["colour"]))
+    """(box, table): the window (left, top, right, bottom; whole pixels of the PIL RGB image im)
+    zoom["side"] times its width and height, centred on its part as found on a size x size copy,
+    and the image's table (3, 6) found there. The box may reach past the image's edges (table_under
+    fills there), so that every part lies in the middle of its window. train.decide_zoom says when
+    and how large."""
+    small = torch.from_numpy(np.asarray(im.resize((size, size), Image.BILINEAR)).copy()).permute(2, 0, 1)[None]
+    tables = table_fit(small)[0]
+    surface = table_surface(tables, centred(0, size, size), centred(0, size, size))
+    cy, cx, _, _ = part_span(away_from(small[0].permute(1, 2, 0).numpy(), surface[0].permute(1, 2, 0).numpy()))
     width, height = round(zoom["side"] * im.width), round(zoom["side"] * im.height)
     left, top = round(cx * im.width - width / 2), round(cy * im.height - height / 2)
-    return left, top, left + width, top + height
+    return (left, top, left + width, top + height), tables[0]
 
 
-def cut_out(im, box, fill):
-    """The pixels of PIL image im inside box, with fill where the box reaches past its edges."""
+def table_under(im, box, table):
+    """PIL RGB image of the box's size: the image's table (3, 6) carried on past its edges, so a
+    window reaching past them shows more of the same table, with no seam."""
     left, top, right, bottom = box
-    window = Image.new(im.mode, (right - left, bottom - top), fill)
+    rows, columns = centred(top, bottom - top, im.height), centred(left, right - left, im.width)
+    surface = table_surface(table[None], rows, columns)
+    return Image.fromarray(surface[0].clamp(0, 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def cut_out(im, box, under=None):
+    """The pixels of PIL image im inside box, over `under` (a PIL image of the box's size, black
+    without it) where the box reaches past im's edges."""
+    left, top, right, bottom = box
+    window = under if under is not None else Image.new(im.mode, (right - left, bottom - top), 0)
     window.paste(im, (-left, -top))
     return window
 
@@ -376,8 +433,8 @@ def read_zoomed(path, size, zoom=None):
         with Image.open(path) as im:
             im, box = to_rgb(im), None
             if zoom is not None:
-                box = part_box(im, zoom, size)
-                im = cut_out(im, box, tuple(round(c) for c in zoom["colour"]))
+                box, table = part_box(im, zoom, size)
+                im = cut_out(im, box, table_under(im, box, table))
             im = im.resize((size, size), Image.BILINEAR)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read image '{path}': {e}") from None
@@ -404,7 +461,7 @@ def read_mask(path, size, image_path=None, box=None):
                             f"mask '{path}' is {im.size[0]}x{im.size[1]} but its image '{image_path}' "
                             f"is {image.size[0]}x{image.size[1]}; a mask must have its image's size")
             binary = Image.fromarray(mask_array(im).astype(np.uint8))
-            binary = (binary if box is None else cut_out(binary, box, 0)).resize((size, size), Image.NEAREST)
+            binary = (binary if box is None else cut_out(binary, box)).resize((size, size), Image.NEAREST)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read mask '{path}': {e}") from None
     return torch.from_numpy(np.asarray(binary).astype(np.uint8))[None]

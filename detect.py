@@ -21,8 +21,9 @@ the training images do not lie alike, the mean over each image's nearest trainin
 The combined map is closed (--close: grey-level dilation, then erosion, by a disc), so marks on
 one defect less than 2 x radius apart join into one, and what the marks enclose is filled; then
 it is smoothed by a Gaussian (--sigma; both in pixels at the model's resolution, each model's
-own by default). Where the training images' border is one plain colour, the map is held at its
-floor wherever an image and its reconstruction both show that colour (--background). The image
+own by default). Where the training images' border shows a plain table (one colour, or one that
+changes slowly across the image), the map is held at its floor wherever an image and its
+reconstruction both show that table (--background). The image
 score is the map's maximum (or the mean of its top-k pixels).
 
 Threshold: one of the image scores of the val images (good images never trained on), each also
@@ -63,7 +64,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import checks  # noqa: E402
 import data  # noqa: E402
-from data import PLAIN_SHARE, PLAIN_TOLERANCE, plain_background  # noqa: E402
+from data import PLAIN_SHARE, PLAIN_TOLERANCE, plain_background, tables_of  # noqa: E402
 import losses  # noqa: E402
 from models import MODELS  # noqa: E402
 from train import (ALIKE_CORR, TURN_INTERPOLATION, add_shared_options, lie_alike, move, pick_device, rotate, run_dir,  # noqa: E402
@@ -268,10 +269,10 @@ def image_scores(maps, rule, topk):
 # a few pixels past its outline (the smoothing, the feature map's receptive field), and filling
 # raises a nut's hole with the nut around it: pixels that no defect's mask holds, beside the
 # defects that score highest (a flipped nut's mask is the whole nut less its hole). Where the
-# training images' border is one colour (data.plain_background), a pixel of that colour in an
-# image and in its reconstruction shows no part, so no defect of one; the map there is held at
-# the image's lowest value. A part missing from where its reconstruction draws it keeps its map. Pixel AUROC /
-# AUPRO, metal_nut 0.966 / 0.926 -> 0.974 / 0.941 (seed 1 0.963 / 0.917 -> 0.970 / 0.931), its
+# training images' border shows a plain table (data.plain_background), a pixel of the table's
+# colour in an image and in its reconstruction shows no part, so no defect of one; the map there
+# is held at the image's lowest value. A part missing from where its reconstruction draws it
+# keeps its map. Pixel AUROC / AUPRO, metal_nut 0.966 / 0.926 -> 0.974 / 0.941 (seed 1 0.963 / 0.917 -> 0.970 / 0.931), its
 # grey copy 0.954 / 0.837 -> 0.963 / 0.864, bottle 0.987 / 0.943 both; image scores unchanged
 # (RESULTS.md). Textures and busy scenes have no plain border and keep the map everywhere.
 # px the part is grown by: a bent lobe's mask reaches past the part (grown 1 px its pixels read
@@ -280,11 +281,11 @@ def image_scores(maps, rule, topk):
 PART_GROW = 3
 
 
-def part_pixels(images, recons, colour):
-    """(N, S, S) bool: where an image or its reconstruction (uint8, N, 3, S, S) is not the
-    background's colour, grown by PART_GROW px."""
-    colour = torch.tensor(colour).view(1, 3, 1, 1)
-    away = [(x.float() - colour).norm(dim=1) > PLAIN_TOLERANCE * 255 for x in (images, recons)]
+def part_pixels(images, recons):
+    """(N, S, S) bool: where an image or its reconstruction (uint8, N, 3, S, S) is not the image's
+    table (data.tables_of), grown by PART_GROW px."""
+    table = tables_of(images)
+    away = [(x.double() - table).norm(dim=1) > PLAIN_TOLERANCE * 255 for x in (images, recons)]
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * PART_GROW + 1, 2 * PART_GROW + 1))
     return np.stack([cv2.dilate(p, disc) for p in (away[0] | away[1]).numpy().astype(np.uint8)]).astype(bool)
 
@@ -423,9 +424,9 @@ def anomaly_map(raw, calibration, names, args, images, recons):
     if calibration["baseline"] is not None:
         raw = subtract_baseline(raw, baseline_for(images, calibration))
     maps = smooth(close_gaps(combine(raw, calibration["map_stats"], names), args.close), args.sigma)
-    if calibration.get("background") is None:
+    if not calibration.get("background"):
         return maps
-    return hold_background(maps, part_pixels(images, recons, calibration["background"]))
+    return hold_background(maps, part_pixels(images, recons))
 
 
 def detection_metrics(scores, labels, maps, masks, threshold):
@@ -549,7 +550,8 @@ def calibration_settings(args, run):
             **({"chroma": "distance"} if "chroma" in run.names else {}),
             **({"maps_revision": run.model.maps_revision} if run.model.maps_revision else {}),
             "background": args.background if args.background == "off" else
-                          f"plain within {PLAIN_TOLERANCE * 255:g}/255 on {PLAIN_SHARE:g} of the border, grown {PART_GROW}",
+                          f"each image's smooth table within {PLAIN_TOLERANCE * 255:g}/255 on {PLAIN_SHARE:g} "
+                          f"of the border, grown {PART_GROW}",
             "template": f"{TEMPLATE_NEIGHBOURS} nearest training images, sigma {TEMPLATE_SIGMA:g}, "
                         f"floor {TEMPLATE_FLOOR:g}" if uses_template(run, args) else "off"}
 
@@ -589,7 +591,7 @@ def compute_calibration(run, args, settings):
         alike = lie_alike(train.images)
         if alike < ALIKE_CORR:
             nearest = nearest_baseline(train_raw, run.names, grey_levels(train.images))
-    background, border_share = plain_background(train.images) if args.background == "auto" else (None, None)
+    background, border_share = plain_background(train.images) if args.background == "auto" else (False, None)
     val_raw = with_template(raw, copies, template)
     calibration = {"settings": settings, "baseline": baseline, "nearest": nearest, "alike": alike, "template": template,
                    "val_files": [Path(p).name for p in val.paths], "train_images": len(train) if baseline is not None else 0,
@@ -694,14 +696,14 @@ def baseline_line(calibration):
 
 def background_line(calibration):
     """One line: whether the map is held at its floor on a plain background, and why."""
-    colour, share = calibration["background"], calibration["border_share"]
+    plain, share = calibration["background"], calibration["border_share"]
     if share is None:
         return "background: not looked for (--background off): the map counts everywhere"
-    within = f"{share:.0%} of the training images' border within {PLAIN_TOLERANCE * 255:g}/255 of one colour"
-    if colour is None:
+    within = (f"{share:.0%} of the training images' border within {PLAIN_TOLERANCE * 255:g}/255 "
+              "of its image's smooth table")
+    if not plain:
         return f"background: not plain ({within}): the map counts everywhere"
-    return (f"background: plain, colour {' '.join(f'{c:.0f}' for c in colour)} ({within}): "
-            f"the map counts on the parts only")
+    return f"background: plain ({within}): the map counts on the parts only"
 
 
 def stored_or_fresh_calibration(run, args):
@@ -902,9 +904,10 @@ def parse_args(argv=None):
     p.add_argument("--baseline", choices=["train", "none"], default="train",
                    help="train: subtract from each map the per-pixel mean map of the training images")
     p.add_argument("--background", choices=["auto", "off"], default="auto",
-                   help="auto: where the training images' border is one plain colour, the map counts on "
-                        "the parts only (pixels of that colour in the image and its reconstruction are "
-                        "held at the map's floor); off: the map counts everywhere")
+                   help="auto: where the training images' border shows a plain table (one colour, or one that "
+                        "changes slowly), the map counts on the parts only (pixels of the table's colour in "
+                        "the image and its reconstruction are held at the map's floor); off: the map counts "
+                        "everywhere")
     p.add_argument("--template", choices=["auto", "off"], default="auto",
                    help="auto: for a model that uses it (all but ar_savae), the map also counts each image's "
                         f"smoothed grey level against the mean of its {TEMPLATE_NEIGHBOURS} nearest training "

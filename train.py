@@ -621,7 +621,7 @@ def decide_moved(mode, model_name, images):
 # A small part anywhere on a plain table (a screw) gets few of the --size pixels, and its thin
 # defects fewer still. Where the parts do not lie alike and the largest spans little of the frame,
 # each image is cut to a window ZOOM_MARGIN times that size, centred on its part (past the image's
-# edge if need be, filled with the table's colour), before it is resized (data.part_box): the part
+# edge if need be, filled with more of its table), before it is resized (data.part_box): the part
 # gets more pixels and always lies in the window's middle. Parts that lie alike keep the whole
 # frame, where a part in the wrong place is itself a defect. Grey metal_nut images placed anywhere
 # in a frame twice their size (seeds 0 / 1, image / pixel AUROC / AUPRO): whole frame 0.824 /
@@ -635,20 +635,21 @@ ZOOM_MAX_SIDE = 0.75  # a larger window gains under 1.8x the pixels: not worth m
 
 def decide_zoom(mode, images):
     """(zoom or None, why) for --zoom auto|off from the training images (uint8 N, 3, S, S); zoom
-    is {"side": the window's side as a fraction of the image's, "colour": the background's}."""
+    is {"side": the window's side as a fraction of the image's}."""
     if mode == "off":
         return None, "--zoom off"
-    colour, share = data.plain_background(images)
-    if colour is None:
-        return None, f"no plain background to find the part on ({share:.0%} of the border is one colour)"
+    plain, share = data.plain_background(images)
+    if not plain:
+        return None, f"no plain background to find the part on (only {share:.0%} of the border on a smooth table)"
     if len(images) > 1 and lie_alike(images) >= ALIKE_CORR:
         return None, "parts lie alike: the whole frame shows a part out of place"
-    spans = [data.part_span(data.away_from(x.permute(1, 2, 0).numpy(), colour)) for x in images]
+    tables = data.tables_of(images).permute(0, 2, 3, 1).numpy()
+    spans = [data.part_span(data.away_from(x.permute(1, 2, 0).numpy(), table)) for x, table in zip(images, tables)]
     largest = float(max(max(height, width) for _, _, height, width in spans))
     side = ZOOM_MARGIN * largest
     if side >= ZOOM_MAX_SIDE:
         return None, f"parts fill the frame (the largest spans {largest:.0%} of it)"
-    return ({"side": round(side, 4), "colour": colour},
+    return ({"side": round(side, 4)},
             f"parts span at most {largest:.0%} of the frame, at changing places: each image is cut to "
             f"the {side:.0%} window around its part ({1 / side ** 2:.1f}x the pixels)")
 

@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,20 @@ def gray_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("mvtec_gray")
     data.make_synthetic_category(root, "synthetic_gray", size=64, grayscale=True, seed=1)
     return root
+
+
+def unevenly_lit(n=6, size=64, part=12):
+    """uint8 (N, 3, size, size): a bright square part at random places on a table lit from the
+    left and darker towards the corners (58 to 100 at its border: no one colour holds it), with
+    its light falling on the part too."""
+    gen = torch.Generator().manual_seed(0)
+    v, u = torch.meshgrid(data.centred(0, size, size), data.centred(0, size, size), indexing="ij")
+    light = 100 - 60 * (u ** 2 + v ** 2) - 30 * u + 40 * (u ** 2 * v ** 2)  # not quite a quadratic
+    x = light.expand(n, 3, size, size).clone()
+    for i in range(n):
+        y0, x0 = torch.randint(4, size - part - 4, (2,), generator=gen)
+        x[i, :, y0:y0 + part, x0:x0 + part] += 120
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 def write_small_parts(root, category="small_parts", size=96, part=20, n_train=24, seed=0):

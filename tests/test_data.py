@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, unevenly_lit
 import data
 
 
@@ -124,14 +124,13 @@ def test_specks_of_noise_on_a_plain_table_are_not_taken_for_the_part():
 
 def test_a_zoomed_image_and_its_mask_are_cut_to_the_same_window_around_the_part(small_parts_root):
     """The window follows the part wherever it lies, past the image's edge if need be (filled with
-    the table's colour), and the mask is cut with it: the marked pixels are the dark spot's, and
+    more of the table), and the mask is cut with it: the marked pixels are the dark spot's, and
     there are many more of them than when the whole frame is resized."""
     whole = data.load_split(small_parts_root, "small_parts", "test", 32)
-    zoom = {"side": 0.3, "colour": [24, 24, 24]}
-    zoomed = data.load_split(small_parts_root, "small_parts", "test", 32, zoom=zoom)
+    zoomed = data.load_split(small_parts_root, "small_parts", "test", 32, zoom={"side": 0.3})
     assert zoomed.images.shape == whole.images.shape and zoomed.masks.shape == whole.masks.shape
     for image, mask in zip(zoomed.images, zoomed.masks):
-        part = data.away_from(image.permute(1, 2, 0).numpy(), zoom["colour"])
+        part = data.away_from(image.permute(1, 2, 0).numpy(), [24, 24, 24])
         cy, cx, _, _ = data.part_span(part)
         assert abs(cy - 0.5) < 0.1 and abs(cx - 0.5) < 0.1  # the part in the window's middle
         if mask.any():
@@ -139,7 +138,41 @@ def test_a_zoomed_image_and_its_mask_are_cut_to_the_same_window_around_the_part(
     assert zoomed.masks[4:].sum() > 5 * whole.masks[4:].sum()
     corner = Image.new("RGB", (40, 40), (24, 24, 24))
     corner.paste((200, 200, 200), (0, 0, 8, 8))  # a part at the image's corner
-    box = data.part_box(corner, {"side": 0.5, "colour": [24, 24, 24]}, 40)
+    box, table = data.part_box(corner, {"side": 0.5}, 40)
     assert box == (-6, -6, 14, 14)  # centred on the part, past the edges
-    window = np.asarray(data.cut_out(corner, box, (24, 24, 24)))
+    window = np.asarray(data.cut_out(corner, box, data.table_under(corner, box, table)))
     assert (window[:6] == 24).all() and (window[:, :6] == 24).all() and (window[6:14, 6:14] == 200).all()
+
+
+def test_a_table_lit_unevenly_is_plain_and_each_images_part_is_found_on_it():
+    """The table's colour changes by 40 levels across the border; each image's fitted table
+    follows it, so the border is plain, the part alone is away from the table, and a window
+    past the edge continues the table without a seam."""
+    images = unevenly_lit()
+    plain, share = data.plain_background(images)
+    assert plain and share > 0.99
+    one_colour = images[..., :2, :].float()  # the top edge alone already spans more than the tolerance
+    assert one_colour.amax() - one_colour.amin() > data.PLAIN_TOLERANCE * 255
+    tables = data.tables_of(images)
+    for image, table in zip(images, tables):
+        part = data.away_from(image.permute(1, 2, 0).numpy(), table.permute(1, 2, 0).numpy())
+        assert 12 * 12 - 4 <= part.sum() <= 12 * 12  # the 3 x 3 median rounds off the square's 4 corners
+        assert data.part_span(part)[2] < 0.2
+    im = Image.fromarray(images[0].permute(1, 2, 0).numpy())
+    box, table = data.part_box(im, {"side": 0.8}, 64)
+    window = np.asarray(data.cut_out(im, box, data.table_under(im, box, table)), np.float32)
+    left, top = -box[0], -box[1]
+    assert left > 0 or top > 0  # the window reaches past an edge
+    seam = window[top:top + 64, left] - window[top:top + 64, left - 1] if left > 0 else \
+        window[top, left:left + 64] - window[top - 1, left:left + 64]
+    assert np.abs(seam).max() <= 3
+
+
+def test_a_part_at_the_edge_does_not_pull_the_fitted_table():
+    """A part covering a sixth of an image's border is left out of the fit: the table's pixels
+    lie on the fitted table, the part's far off it."""
+    images = torch.full((1, 3, 32, 32), 22, dtype=torch.uint8)
+    images[0, :, :12, :12] = 230  # 44 of the 240 border pixels
+    tables, off = data.table_fit(images)
+    assert (off <= 1).sum() == 240 - 44 and (off > 200).sum() == 44
+    assert torch.allclose(tables[0, :, 0], torch.full((3,), 22.0, dtype=torch.float64), atol=0.5)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, unevenly_lit
 import detect
 import models
 
@@ -324,16 +324,16 @@ def frame_images(inside, border, size=16):
     return x
 
 
-def test_a_plain_border_gives_the_background_colour_and_a_busy_one_none():
-    """A dark table under every part: its colour. A texture to the edges: no background, so the
-    map will count everywhere."""
+def test_a_plain_border_is_a_background_and_a_busy_one_is_not():
+    """A dark table under every part is plain, though a part reaches the edge. A texture to the
+    edges is not, so the map will count everywhere."""
     plain = frame_images([[200, 180, 90]] * 4, [22, 22, 29])
     plain[0, :, 0, :4] = 255  # a few border pixels of a part that reaches the edge
-    colour, share = detect.plain_background(plain)
-    assert colour == [22, 22, 29] and detect.PLAIN_SHARE <= share < 1
+    is_plain, share = detect.plain_background(plain)
+    assert is_plain and detect.PLAIN_SHARE <= share < 1
     busy = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    colour, share = detect.plain_background(busy)
-    assert colour is None and share < 0.2
+    is_plain, share = detect.plain_background(busy)
+    assert not is_plain and share < 0.2
 
 
 def test_the_part_is_where_the_image_or_its_reconstruction_is_not_the_background():
@@ -345,10 +345,20 @@ def test_the_part_is_where_the_image_or_its_reconstruction_is_not_the_background
     image[0, :, 4:8, 4:8] = 200  # a part in the image
     recon[0, :, 14:18, 14:18] = 200  # a part the reconstruction draws where the image shows table
     image[0, :, 1, 20] += 5  # noise well within the tolerance
-    part = detect.part_pixels(image, recon, [float(c) for c in table])[0]
+    part = detect.part_pixels(image, recon)[0]
     g = detect.PART_GROW
     assert part[4 - g:8 + g, 6].all() and part[14 - g:18 + g, 16].all()
     assert not part[4 - g - 1, 6] and not part[1, 20] and not part[0, 0]
+
+
+def test_on_a_table_lit_unevenly_only_the_part_counts():
+    """The table's light changes by 40 levels between its centre and its corners: held against
+    each image's own table, the dark corners show table, and the part (grown) alone counts."""
+    images = unevenly_lit(3)
+    g = detect.PART_GROW
+    for part in detect.part_pixels(images, images.clone()):
+        assert 12 * 12 < part.sum() <= (12 + 2 * g) ** 2
+        assert not part[0, 0] and not part[-1, -1] and not part[0, -1] and not part[-1, 0]
 
 
 def test_outside_the_part_the_map_is_held_at_its_floor_and_the_part_keeps_its_marks():
@@ -367,7 +377,7 @@ def test_the_background_rule_is_part_of_a_calibrations_settings():
                           model=SimpleNamespace(default_template=False, maps_revision=0))
     auto = detect.calibration_settings(detect.parse_args(["--class", "x"]), run)
     off = detect.calibration_settings(detect.parse_args(["--class", "x", "--background", "off"]), run)
-    assert auto["background"].startswith("plain within") and off["background"] == "off"
+    assert auto["background"].startswith("each image's smooth table within") and off["background"] == "off"
 
 
 def test_a_models_maps_revision_is_part_of_a_calibrations_settings_once_raised():
