@@ -434,7 +434,8 @@ def read_zoomed(path, size, zoom=None):
             im, box = to_rgb(im), None
             if zoom is not None:
                 box, table = part_box(im, zoom, size)
-                im = cut_out(im, box, table_under(im, box, table))
+                past_edge = min(box[:2]) < 0 or box[2] > im.width or box[3] > im.height
+                im = cut_out(im, box, table_under(im, box, table) if past_edge else None)
             im = im.resize((size, size), Image.BILINEAR)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read image '{path}': {e}") from None
