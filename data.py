@@ -286,8 +286,8 @@ def ensure_category(root, category, download=False, url=MVTEC_URL, sha256=MVTEC_
 # side and a lens darker at the corners. Each image's table is the surface, quadratic in x and y
 # per channel, fitted to those of the image's own outer BORDER px near their median colour (a part
 # touching the edge does not pull it), then again to those within PLAIN_TOLERANCE of that fit (the
-# far ends of a lit table come back). One colour for every image called a table lit 30 levels
-# darker at the corners than at its centre not plain (79 % of its border within the tolerance);
+# far ends of a lit table come back). One colour for every image called a table about 40 levels
+# darker at its corners than at its centre not plain (79 % of its border within the tolerance);
 # the fitted surfaces call it plain (RESULTS.md, "A table lit unevenly").
 PLAIN_TOLERANCE = 16 / 255  # colour distance (RGB, 0-1) within which a pixel shows the table
 PLAIN_SHARE = 0.95  # share of the training images' border pixels that must lie that close
