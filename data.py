@@ -366,7 +366,7 @@ def part_span(part):
 def part_box(im, zoom, size):
     """(box, table): the window (left, top, right, bottom; whole pixels of the PIL RGB image im)
     zoom["side"] times its width and height, centred on its part as found on a size x size copy,
-    and the image's table (3, 6) found there. The box may reach past the image's edges (table_under
+    and the image's table (3, 6) found there. The box may reach past the image's edges (cut_out
     fills there), so that every part lies in the middle of its window. train.decide_zoom says when
     and how large."""
     small = torch.from_numpy(np.asarray(im.resize((size, size), Image.BILINEAR)).copy()).permute(2, 0, 1)[None]
@@ -387,11 +387,13 @@ def table_under(im, box, table):
     return Image.fromarray(surface[0].clamp(0, 255).round().byte().permute(1, 2, 0).numpy())
 
 
-def cut_out(im, box, under=None):
-    """The pixels of PIL image im inside box, over `under` (a PIL image of the box's size, black
-    without it) where the box reaches past im's edges."""
+def cut_out(im, box, table=None):
+    """The pixels of PIL image im inside box; where the box reaches past im's edges, its table
+    (3, 6) carried on there (table_under), or black without one."""
     left, top, right, bottom = box
-    window = under if under is not None else Image.new(im.mode, (right - left, bottom - top), 0)
+    past_edge = min(left, top) < 0 or right > im.width or bottom > im.height
+    window = (table_under(im, box, table) if table is not None and past_edge
+              else Image.new(im.mode, (right - left, bottom - top), 0))
     window.paste(im, (-left, -top))
     return window
 
@@ -434,8 +436,7 @@ def read_zoomed(path, size, zoom=None):
             im, box = to_rgb(im), None
             if zoom is not None:
                 box, table = part_box(im, zoom, size)
-                past_edge = min(box[:2]) < 0 or box[2] > im.width or box[3] > im.height
-                im = cut_out(im, box, table_under(im, box, table) if past_edge else None)
+                im = cut_out(im, box, table)
             im = im.resize((size, size), Image.BILINEAR)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read image '{path}': {e}") from None

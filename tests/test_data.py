@@ -140,7 +140,7 @@ def test_a_zoomed_image_and_its_mask_are_cut_to_the_same_window_around_the_part(
     corner.paste((200, 200, 200), (0, 0, 8, 8))  # a part at the image's corner
     box, table = data.part_box(corner, {"side": 0.5}, 40)
     assert box == (-6, -6, 14, 14)  # centred on the part, past the edges
-    window = np.asarray(data.cut_out(corner, box, data.table_under(corner, box, table)))
+    window = np.asarray(data.cut_out(corner, box, table))
     assert (window[:6] == 24).all() and (window[:, :6] == 24).all() and (window[6:14, 6:14] == 200).all()
 
 
@@ -160,7 +160,7 @@ def test_a_table_lit_unevenly_is_plain_and_each_images_part_is_found_on_it():
         assert data.part_span(part)[2] < 0.2
     im = Image.fromarray(images[0].permute(1, 2, 0).numpy())
     box, table = data.part_box(im, {"side": 0.8}, 64)
-    window = np.asarray(data.cut_out(im, box, data.table_under(im, box, table)), np.float32)
+    window = np.asarray(data.cut_out(im, box, table), np.float32)
     left, top = -box[0], -box[1]
     assert left > 0 or top > 0  # the window reaches past an edge
     seam = window[top:top + 64, left] - window[top:top + 64, left - 1] if left > 0 else \
