@@ -272,9 +272,9 @@ def image_scores(maps, rule, topk):
 # training images' border shows a plain table (data.plain_background), a pixel of the table's
 # colour in an image and in its reconstruction shows no part, so no defect of one; the map there
 # is held at the image's lowest value. A part missing from where its reconstruction draws it
-# keeps its map. Pixel AUROC / AUPRO, metal_nut 0.966 / 0.926 -> 0.974 / 0.941 (seed 1 0.963 / 0.917 -> 0.970 / 0.931), its
-# grey copy 0.954 / 0.837 -> 0.963 / 0.864, bottle 0.987 / 0.943 both; image scores unchanged
-# (RESULTS.md). Textures and busy scenes have no plain border and keep the map everywhere.
+# keeps its map. Pixel AUROC / AUPRO, metal_nut 0.966 / 0.926 -> 0.974 / 0.941 (seed 1 0.963 /
+# 0.917 -> 0.970 / 0.931), its grey copy 0.954 / 0.837 -> 0.963 / 0.864, bottle 0.987 / 0.943
+# both; image scores unchanged (RESULTS.md). Textures and busy scenes have no plain border and keep the map everywhere.
 # px the part is grown by: a bent lobe's mask reaches past the part (grown 1 px its pixels read
 # 0.971 against good images' pixels, 2 px 0.989, 3 px 0.994, ungated 0.996); 3 px loses no
 # defect type on metal_nut, 1 px would lift the flipped nuts more
