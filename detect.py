@@ -64,7 +64,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import checks  # noqa: E402
 import data  # noqa: E402
-from data import PLAIN_SHARE, PLAIN_TOLERANCE, plain_background, tables_of  # noqa: E402
 import losses  # noqa: E402
 from models import MODELS  # noqa: E402
 from train import (ALIKE_CORR, TURN_INTERPOLATION, add_shared_options, lie_alike, move, pick_device, rotate, run_dir,  # noqa: E402
@@ -284,8 +283,8 @@ PART_GROW = 3
 def part_pixels(images, recons):
     """(N, S, S) bool: where an image or its reconstruction (uint8, N, 3, S, S) is not the image's
     table (data.tables_of), grown by PART_GROW px."""
-    table = tables_of(images)
-    away = [(x.double() - table).norm(dim=1) > PLAIN_TOLERANCE * 255 for x in (images, recons)]
+    table = data.tables_of(images)
+    away = [(x.double() - table).norm(dim=1) > data.PLAIN_TOLERANCE * 255 for x in (images, recons)]
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * PART_GROW + 1, 2 * PART_GROW + 1))
     return np.stack([cv2.dilate(p, disc) for p in (away[0] | away[1]).numpy().astype(np.uint8)]).astype(bool)
 
@@ -550,7 +549,7 @@ def calibration_settings(args, run):
             **({"chroma": "distance"} if "chroma" in run.names else {}),
             **({"maps_revision": run.model.maps_revision} if run.model.maps_revision else {}),
             "background": args.background if args.background == "off" else
-                          f"each image's smooth table within {PLAIN_TOLERANCE * 255:g}/255 on {PLAIN_SHARE:g} "
+                          f"each image's smooth table within {data.PLAIN_TOLERANCE * 255:g}/255 on {data.PLAIN_SHARE:g} "
                           f"of the border, grown {PART_GROW}",
             "template": f"{TEMPLATE_NEIGHBOURS} nearest training images, sigma {TEMPLATE_SIGMA:g}, "
                         f"floor {TEMPLATE_FLOOR:g}" if uses_template(run, args) else "off"}
@@ -591,7 +590,7 @@ def compute_calibration(run, args, settings):
         alike = lie_alike(train.images)
         if alike < ALIKE_CORR:
             nearest = nearest_baseline(train_raw, run.names, grey_levels(train.images))
-    background, border_share = plain_background(train.images) if args.background == "auto" else (False, None)
+    background, border_share = data.plain_background(train.images) if args.background == "auto" else (False, None)
     val_raw = with_template(raw, copies, template)
     calibration = {"settings": settings, "baseline": baseline, "nearest": nearest, "alike": alike, "template": template,
                    "val_files": [Path(p).name for p in val.paths], "train_images": len(train) if baseline is not None else 0,
@@ -699,7 +698,7 @@ def background_line(calibration):
     plain, share = calibration["background"], calibration["border_share"]
     if share is None:
         return "background: not looked for (--background off): the map counts everywhere"
-    within = (f"{share:.0%} of the training images' border within {PLAIN_TOLERANCE * 255:g}/255 "
+    within = (f"{share:.0%} of the training images' border within {data.PLAIN_TOLERANCE * 255:g}/255 "
               "of its image's smooth table")
     if not plain:
         return f"background: not plain ({within}): the map counts everywhere"

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import ROOT, unevenly_lit
+import data
 import detect
 import models
 
@@ -329,10 +330,10 @@ def test_a_plain_border_is_a_background_and_a_busy_one_is_not():
     edges is not, so the map will count everywhere."""
     plain = frame_images([[200, 180, 90]] * 4, [22, 22, 29])
     plain[0, :, 0, :4] = 255  # a few border pixels of a part that reaches the edge
-    is_plain, share = detect.plain_background(plain)
-    assert is_plain and detect.PLAIN_SHARE <= share < 1
+    is_plain, share = data.plain_background(plain)
+    assert is_plain and data.PLAIN_SHARE <= share < 1
     busy = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    is_plain, share = detect.plain_background(busy)
+    is_plain, share = data.plain_background(busy)
     assert not is_plain and share < 0.2
 
 
