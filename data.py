@@ -342,14 +342,43 @@ def tables_of(images):
     return table_surface(table_fit(images)[0], centred(0, height, height), centred(0, width, width))
 
 
-def away_from(rgb, table):
-    """bool (H, W): the pixels of a uint8 RGB array (H, W, 3) farther than PLAIN_TOLERANCE from
+# A table may also be mottled: a plate's faint blotches, a few levels either way, each a few
+# pixels across at 128 px. Its border still counts as plain, but at the 16/255 tolerance the
+# blotches' darkest and brightest spots count as part, all over the frame: on grey tables with
+# mottling of 3 levels a small part's box spread to 82-99 % of the frame (RESULTS.md, "A mottled
+# table"), and zoom was refused. So a pixel counts as part only when it lies farther from the table
+# than SPECK_MARGIN times the median distance of the image's border from it as well. The median
+# stays put when a part covers up to half the border; the tables here lie within 1.1 of theirs, so
+# for them the tolerance stays 16/255.
+SPECK_MARGIN = 8
+
+
+def part_tolerance(off):
+    """(N,) colour distance (0-255) beyond which a pixel shows a part, not the table: the larger of
+    PLAIN_TOLERANCE and SPECK_MARGIN times the median of each image's border distances (off, (N, K),
+    from table_fit)."""
+    return (SPECK_MARGIN * off.median(dim=1).values).clamp_min(PLAIN_TOLERANCE * 255)
+
+
+def away_from(rgb, table, tolerance=PLAIN_TOLERANCE * 255):
+    """bool (H, W): the pixels of a uint8 RGB array (H, W, 3) farther than tolerance (0-255) from
     the table (its colour, or its surface (H, W, 3)) once each is the median of its 3 x 3
     neighbourhood: the part, without the specks of noise a plain table still shows (the border
     rule lets 5 % of them through, and 1 % spread over the image would stretch the part's box to
     the whole frame)."""
     rgb = np.asarray(Image.fromarray(np.asarray(rgb, np.uint8)).filter(ImageFilter.MedianFilter(3)), np.float32)
-    return np.linalg.norm(rgb - np.asarray(table, np.float32), axis=-1) > PLAIN_TOLERANCE * 255
+    return np.linalg.norm(rgb - np.asarray(table, np.float32), axis=-1) > tolerance
+
+
+def parts_of(images):
+    """(parts, tables) for uint8 images (N, 3, S, S): each image's part (bool (S, S): away_from its
+    own table, beyond its part_tolerance) and its table (N, 3, 6, as table_fit)."""
+    tables, off = table_fit(images)
+    _, _, height, width = images.shape
+    surfaces = table_surface(tables, centred(0, height, height), centred(0, width, width)).permute(0, 2, 3, 1)
+    parts = [away_from(x.permute(1, 2, 0).numpy(), surface.numpy(), tolerance)
+             for x, surface, tolerance in zip(images, surfaces, part_tolerance(off).tolist())]
+    return parts, tables
 
 
 def part_span(part):
@@ -370,9 +399,8 @@ def part_box(im, zoom, size):
     fills there), so that every part lies in the middle of its window. train.decide_zoom says when
     and how large."""
     small = torch.from_numpy(np.asarray(im.resize((size, size), Image.BILINEAR)).copy()).permute(2, 0, 1)[None]
-    tables = table_fit(small)[0]
-    surface = table_surface(tables, centred(0, size, size), centred(0, size, size))
-    cy, cx, _, _ = part_span(away_from(small[0].permute(1, 2, 0).numpy(), surface[0].permute(1, 2, 0).numpy()))
+    parts, tables = parts_of(small)
+    cy, cx, _, _ = part_span(parts[0])
     width, height = round(zoom["side"] * im.width), round(zoom["side"] * im.height)
     left, top = round(cx * im.width - width / 2), round(cy * im.height - height / 2)
     return (left, top, left + width, top + height), tables[0]

@@ -643,8 +643,7 @@ def decide_zoom(mode, images):
         return None, f"no plain background to find the part on (only {share:.0%} of the border on a smooth table)"
     if len(images) > 1 and lie_alike(images) >= ALIKE_CORR:
         return None, "parts lie alike: the whole frame shows a part out of place"
-    tables = data.tables_of(images).permute(0, 2, 3, 1).numpy()
-    spans = [data.part_span(data.away_from(x.permute(1, 2, 0).numpy(), table)) for x, table in zip(images, tables)]
+    spans = [data.part_span(part) for part in data.parts_of(images)[0]]
     largest = float(max(max(height, width) for _, _, height, width in spans))
     side = ZOOM_MARGIN * largest
     if side >= ZOOM_MAX_SIDE:

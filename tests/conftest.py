@@ -7,6 +7,7 @@ from pathlib import Path
 # (set before torch is imported, inherited by the subprocesses the tests start).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -46,6 +47,20 @@ def unevenly_lit(n=6, size=64, part=12):
         y0, x0 = torch.randint(4, size - part - 4, (2,), generator=gen)
         x[i, :, y0:y0 + part, x0:x0 + part] += 120
     return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def mottled(n=4, size=128, part=16, amplitude=3.0, seed=0):
+    """uint8 (N, 3, size, size): a dark square part at random places on a grey table with faint
+    blotches (smoothed noise, `amplitude` levels RMS, a few px across), as a plate shows them."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        blotches = cv2.GaussianBlur(rng.normal(size=(size, size)), (0, 0), 4)
+        x = 180 + amplitude * blotches / blotches.std()
+        y0, x0 = rng.integers(8, size - part - 8, size=2)
+        x[y0:y0 + part, x0:x0 + part] = 60
+        images.append(np.repeat(x[None], 3, 0))
+    return torch.from_numpy(np.stack(images)).round().clamp(0, 255).to(torch.uint8)
 
 
 def write_small_parts(root, category="small_parts", size=96, part=20, n_train=24, seed=0):

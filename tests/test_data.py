@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, unevenly_lit
+from conftest import ROOT, mottled, unevenly_lit
 import data
 
 
@@ -142,6 +142,21 @@ def test_a_zoomed_image_and_its_mask_are_cut_to_the_same_window_around_the_part(
     assert box == (-6, -6, 14, 14)  # centred on the part, past the edges
     window = np.asarray(data.cut_out(corner, box, table))
     assert (window[:6] == 24).all() and (window[:, :6] == 24).all() and (window[6:14, 6:14] == 200).all()
+
+
+def test_a_part_on_a_mottled_table_is_found_where_it_lies():
+    """Blotches of 3 grey levels still make a plain border, but their darkest and brightest spots
+    lie beyond 16/255 all over the frame: the part's box is the part's only because each image's
+    own blotchiness raises its tolerance."""
+    images = mottled()
+    assert data.plain_background(images)[0]
+    parts, _ = data.parts_of(images)
+    for image, part, table in zip(images, parts, data.tables_of(images)):
+        dark = (image[0] < 120).nonzero().float().mean(0) / 128  # the square's centre
+        cy, cx, height, width = data.part_span(part)
+        assert abs(cy - dark[0]) < 0.02 and abs(cx - dark[1]) < 0.02 and height < 0.15 and width < 0.15
+        at_plain_tolerance = data.away_from(image.permute(1, 2, 0).numpy(), table.permute(1, 2, 0).numpy())
+        assert data.part_span(at_plain_tolerance)[2] > 0.5
 
 
 def test_a_table_lit_unevenly_is_plain_and_each_images_part_is_found_on_it():
