@@ -345,11 +345,11 @@ def tables_of(images):
 # A table may also be mottled: a plate's faint blotches, a few levels either way, each a few
 # pixels across at 128 px. Its border still counts as plain, but at the 16/255 tolerance the
 # blotches' darkest and brightest spots count as part, all over the frame: on grey tables with
-# mottling of 3 levels a small part's box spread to 82-99 % of the frame (RESULTS.md, "A mottled
-# table"), and zoom was refused. So a pixel counts as part only when it lies farther from the table
-# than SPECK_MARGIN times the median distance of the image's border from it as well. The median
-# stays put when a part covers up to half the border; the tables here lie within 1.1 of theirs, so
-# for them the tolerance stays 16/255.
+# blotches of 3 levels a small part's box spread to 84-100 % of the frame (RESULTS.md, "A mottled
+# table"), and zoom was refused. So a pixel counts as part only where it also lies farther from the
+# table than SPECK_MARGIN times the median distance of the image's border from it. The median
+# stays put while a part covers less than half the border. Every table measured here has a border
+# median of at most 1.1 levels, so its tolerance stays 16/255.
 SPECK_MARGIN = 8
 
 
