@@ -159,6 +159,23 @@ def test_a_part_on_a_mottled_table_is_found_where_it_lies():
         assert data.part_span(at_plain_tolerance)[2] > 0.5
 
 
+def test_dust_on_the_table_is_not_taken_for_the_part():
+    """A thin part (3 x 30 px) and a speck of dust (3 x 3 px) far from it: the speck is a tenth of
+    what lies away from the table, too much for the box's percentiles to leave out, but it is a
+    piece of its own, so the part's box stays the part's. A piece beside the part belongs to it."""
+    image = np.full((128, 128, 3), 180, np.uint8)
+    image[40:43, 20:50] = 60  # the part
+    image[110:113, 110:113] = 90  # dust
+    images = torch.from_numpy(image).permute(2, 0, 1)[None]
+    everything = data.away_from(image, [180, 180, 180])
+    assert data.part_span(everything)[3] > 0.5  # the box over part and dust
+    cy, cx, height, width = data.part_span(data.parts_of(images)[0][0])
+    assert abs(cy - 41.5 / 128) < 0.02 and abs(cx - 35 / 128) < 0.02 and width < 0.3
+    image[45:48, 52:56] = 60  # a second piece of the part, 2 px below the first
+    away = data.away_from(image, [180, 180, 180])
+    assert away[45:48, 52:56].any() and (data.main_part(away) == away)[:100].all()
+
+
 def test_a_table_lit_unevenly_is_plain_and_each_images_part_is_found_on_it():
     """The table's colour changes by 40 levels across the border; each image's fitted table
     follows it, so the border is plain, the part alone is away from the table, and a window
