@@ -282,11 +282,13 @@ PART_GROW = 3
 
 def part_pixels(images, recons):
     """(N, S, S) bool: where an image or its reconstruction (uint8, N, 3, S, S) is not the image's
-    table (data.tables_of), grown by PART_GROW px."""
+    table (data.tables_of), its main piece (data.main_part: dust elsewhere on the table is held),
+    grown by PART_GROW px."""
     table = data.tables_of(images)
     away = [(x.double() - table).norm(dim=1) > data.PLAIN_TOLERANCE * 255 for x in (images, recons)]
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * PART_GROW + 1, 2 * PART_GROW + 1))
-    return np.stack([cv2.dilate(p, disc) for p in (away[0] | away[1]).numpy().astype(np.uint8)]).astype(bool)
+    parts = [data.main_part(p) for p in (away[0] | away[1]).numpy()]
+    return np.stack([cv2.dilate(p.astype(np.uint8), disc) for p in parts]).astype(bool)
 
 
 def hold_background(maps, part):
@@ -550,7 +552,7 @@ def calibration_settings(args, run):
             **({"maps_revision": run.model.maps_revision} if run.model.maps_revision else {}),
             "background": args.background if args.background == "off" else
                           f"each image's smooth table within {data.PLAIN_TOLERANCE * 255:g}/255 on {data.PLAIN_SHARE:g} "
-                          f"of the border, grown {PART_GROW}",
+                          f"of the border, main piece, grown {PART_GROW}",
             "template": f"{TEMPLATE_NEIGHBOURS} nearest training images, sigma {TEMPLATE_SIGMA:g}, "
                         f"floor {TEMPLATE_FLOOR:g}" if uses_template(run, args) else "off"}
 

@@ -338,18 +338,20 @@ def test_a_plain_border_is_a_background_and_a_busy_one_is_not():
 
 
 def test_the_part_is_where_the_image_or_its_reconstruction_is_not_the_background():
-    """A part in the image counts, and so does one that only its reconstruction draws (a part
-    missing from the image): both grown by PART_GROW px; faint noise on the table does not."""
+    """A part in the image counts, and so does a piece that only its reconstruction draws (a piece
+    missing from the image): both grown by PART_GROW px; faint noise on the table does not, and
+    neither does a speck of dust away from the part."""
     table = [22, 22, 29]
     image = frame_images([table], table, 24)
     recon = image.clone()
     image[0, :, 4:8, 4:8] = 200  # a part in the image
-    recon[0, :, 14:18, 14:18] = 200  # a part the reconstruction draws where the image shows table
+    recon[0, :, 4:8, 4:12] = 200  # the reconstruction draws it with a piece the image lacks
     image[0, :, 1, 20] += 5  # noise well within the tolerance
+    image[0, :, 18:20, 18:20] = 120  # dust
     part = detect.part_pixels(image, recon)[0]
     g = detect.PART_GROW
-    assert part[4 - g:8 + g, 6].all() and part[14 - g:18 + g, 16].all()
-    assert not part[4 - g - 1, 6] and not part[1, 20] and not part[0, 0]
+    assert part[4 - g:8 + g, 6].all() and part[6, 4 - g:12 + g].all()
+    assert not part[4 - g - 1, 6] and not part[1, 20] and not part[0, 0] and not part[18:20, 18:20].any()
 
 
 def test_on_a_table_lit_unevenly_only_the_part_counts():
