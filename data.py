@@ -83,6 +83,11 @@ class Split:
 
 # ----------------------------------------------------------------------------- finding files
 
+def categories_in(root):
+    """The folders of root that hold train/good, by name."""
+    return sorted(p.name for p in Path(root).iterdir() if (p / "train" / "good").is_dir())
+
+
 def category_dir(root, category):
     """Check that <root>/<category> exists and looks like MVTec AD; return its path."""
     root = Path(root)
@@ -94,16 +99,10 @@ def category_dir(root, category):
             f"and '{root.name}' as the category")
     cat = root / category
     if not cat.is_dir():
-        found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
         raise DatasetError(
             f"category '{category}' not found in '{root}' (categories found: "
-            f"{', '.join(found) or 'none'}); {LAYOUT_HELP}")
+            f"{', '.join(categories_in(root)) or 'none'}); {LAYOUT_HELP}")
     return cat
-
-
-def list_categories(root):
-    root = Path(root)
-    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir()) if root.is_dir() else []
 
 
 def image_files(folder):
@@ -337,10 +336,14 @@ def plain_background(images):
     return share >= PLAIN_SHARE, share
 
 
+def whole_tables(tables, height, width):
+    """(N, 3, height, width) float: the tables (N, 3, 6) over a whole image of that size."""
+    return table_surface(tables, centred(0, height, height), centred(0, width, width))
+
+
 def tables_of(images):
     """(N, 3, S, S) float: each image's (uint8 N, 3, S, S) table over the whole image."""
-    _, _, height, width = images.shape
-    return table_surface(table_fit(images)[0], centred(0, height, height), centred(0, width, width))
+    return whole_tables(table_fit(images)[0], *images.shape[-2:])
 
 
 # A table may also be mottled: a plate's faint blotches, a few levels either way, each a few
@@ -398,8 +401,7 @@ def parts_of(images):
     of what lies away_from its own table, beyond its part_tolerance) and its table (N, 3, 6, as
     table_fit)."""
     tables, off = table_fit(images)
-    _, _, height, width = images.shape
-    surfaces = table_surface(tables, centred(0, height, height), centred(0, width, width)).permute(0, 2, 3, 1)
+    surfaces = whole_tables(tables, *images.shape[-2:]).permute(0, 2, 3, 1)
     parts = [main_part(away_from(x.permute(1, 2, 0).numpy(), surface.numpy(), tolerance))
              for x, surface, tolerance in zip(images, surfaces, part_tolerance(off).tolist())]
     return parts, tables

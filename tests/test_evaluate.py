@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 
 import data
@@ -232,3 +234,27 @@ def test_summary_rows_replaced_in_place_and_printed_aligned(tmp_path):
     assert lines[0].split() == ["category", "model", "resolution", "isc", "mse", "lpips_random",
                                 "checkpoint"]
     assert "2 ± 0.1" in lines[1] and lines[1].index("ckpt.pt") == lines[2].index("ckpt.pt")
+
+
+def test_a_zoomed_run_is_evaluated_on_images_cut_to_each_parts_window(trained, offline, small_parts_root, tmp_path):
+    """A run that zoomed onto its parts generates windows around a part: FID's reference and the
+    reconstructed held-out images are cut the same way, not whole frames."""
+    outputs = tmp_path / "outputs"
+    train.main(["--model", "dae", "--category", "small_parts", "--data-root", str(small_parts_root), "--size", "32",
+                "--epochs", "1", "--batch-size", "8", "--out", str(outputs / "small_parts" / "dae")])
+    side = torch.load(outputs / "small_parts" / "dae" / "best.pt", weights_only=False)["config"]["zoom_window"]["side"]
+    run_cli(["--category", "small_parts", "--outputs", str(outputs), "--num-samples", str(N), "--batch-size", "8",
+             "--inception-weights", str(trained["weights"]), "--allow-unofficial-inception"], offline)
+    (row,) = read_summary(outputs)
+    assert row["recon_images"] == "6" and finite(row, "mse", "fid_unofficial")  # 2 val + 4 test/good
+
+    def images_in(folder):
+        return [np.asarray(Image.open(p).convert("L")) for p in sorted(folder.glob("*.png"))]
+
+    def part_share(folder):  # the share of pixels showing the bright part (the table is dark)
+        return sum(float((image > 100).mean()) for image in images_in(folder)) / 24
+
+    reference = outputs / "eval" / "small_parts" / f"reference_32_zoom{side:g}"
+    assert len(images_in(reference)) == 24
+    whole = evaluate.ensure_reference(small_parts_root, "small_parts", 32, tmp_path / "whole")
+    assert whole == 24 and part_share(reference) > 4 * part_share(tmp_path / "whole")
