@@ -538,7 +538,7 @@ def copy_scores(maps, shown, rule, topk):
 
 def calibration_settings(args, run):
     """Everything a calibration depends on: a stored one is used only when all of it matches."""
-    return {"checkpoint_sha256": data.sha256_of(run.ckpt_path),
+    return {"checkpoint_sha256": run.ckpt_sha256,
             "data": str(Path(run.root).resolve() / args.category),
             "map": args.map, "baseline": args.baseline if args.baseline == "none" else
                 f"train: mean of all where they lie alike (>= {ALIKE_CORR:g}), else of the {BASELINE_NEIGHBOURS} nearest "
@@ -973,7 +973,13 @@ def load_run(args):
     detection needs before it sees any image."""
     device = pick_device(args.device)
     ckpt_path = find_checkpoint(args)
+    # the calibration is stored under the checkpoint's hash: it must be the hash of the weights
+    # loaded, not of a best.pt that train.py replaced meanwhile
+    sha256 = data.sha256_of(ckpt_path)
     model, ckpt = checks.load_checkpoint(ckpt_path, device, expected=args.model)
+    if data.sha256_of(ckpt_path) != sha256:
+        raise DetectError(f"checkpoint '{ckpt_path}' changed while it was read (is train.py still writing it?); "
+                          "run again once training has finished")
     cfg = ckpt["config"]
     checks.check_topk(args.score, args.topk, cfg["size"])
     root = args.data_root or cfg["data_root"]
@@ -990,7 +996,7 @@ def load_run(args):
         return compute_maps(model, images, names, device, args.batch_size, args.mc_passes, perceptual, args.seed,
                             extra=picture_maps(allowed) if pictures else ())
     split = checks.split_of(ckpt, ckpt_path, root, args.category)
-    return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, cfg=cfg, root=root, names=names,
+    return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, ckpt_sha256=sha256, cfg=cfg, root=root, names=names,
                            maps_of=maps_of, n_val=len(split["val"]), name=ckpt["model_name"],
                            zoom=cfg.get("zoom_window"))
 

@@ -1,5 +1,6 @@
 """detect.py: metric definitions against brute force and hand-computed cases, and an end-to-end run."""
 import json
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -213,6 +214,23 @@ def test_detect_end_to_end_finds_the_synthetic_defects_and_writes_everything(tra
     assert (out / "roc.png").is_file() and (out / "failures.png").is_file()
 
 
+def test_a_checkpoint_replaced_while_it_is_read_is_refused(trained_dae, tmp_path, monkeypatch):
+    """train.py may replace best.pt while detect.py loads it: a calibration stored under the new
+    file's hash but made with the old weights would be reused for the new ones."""
+    outputs = tmp_path / "outputs"
+    shutil.copytree(trained_dae, outputs)
+    best = outputs / "synthetic" / "dae" / "best.pt"
+    load = detect.checks.load_checkpoint
+
+    def load_then_replace(path, *args, **kwargs):
+        model, ckpt = load(path, *args, **kwargs)
+        torch.save({**ckpt, "epoch": ckpt["epoch"] + 1}, best)  # the next epoch's file lands
+        return model, ckpt
+    monkeypatch.setattr(detect.checks, "load_checkpoint", load_then_replace)
+    with pytest.raises(detect.DetectError, match="changed while it was read"):
+        detect.load_run(detect.parse_args(["--class", "synthetic", "--outputs", str(outputs)]))
+
+
 def test_detect_without_a_trained_model_says_how_to_train_one(tmp_path):
     r = subprocess.run([sys.executable, "detect.py", "--class", "bottle", "--outputs", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True)
@@ -376,7 +394,7 @@ def test_outside_the_part_the_map_is_held_at_its_floor_and_the_part_keeps_its_ma
 def test_the_background_rule_is_part_of_a_calibrations_settings():
     """Changing it (or turning it off) must recompute a stored calibration, not reuse one made
     with the other rule."""
-    run = SimpleNamespace(ckpt_path=__file__, root=".", cfg={}, names=["ssim"],
+    run = SimpleNamespace(ckpt_path=__file__, ckpt_sha256="0" * 64, root=".", cfg={}, names=["ssim"],
                           model=SimpleNamespace(default_template=False, maps_revision=0))
     auto = detect.calibration_settings(detect.parse_args(["--class", "x"]), run)
     off = detect.calibration_settings(detect.parse_args(["--class", "x", "--background", "off"]), run)
@@ -387,7 +405,8 @@ def test_a_models_maps_revision_is_part_of_a_calibrations_settings_once_raised()
     """Maps that change for the same weights (the VQ-VAE's) recompute a stored calibration; the
     models whose maps never changed keep theirs."""
     def settings_of(model_class):
-        run = SimpleNamespace(ckpt_path=__file__, root=".", cfg={}, names=["ssim"], model=model_class)
+        run = SimpleNamespace(ckpt_path=__file__, ckpt_sha256="0" * 64, root=".", cfg={}, names=["ssim"],
+                              model=model_class)
         return detect.calibration_settings(detect.parse_args(["--class", "x"]), run)
     assert settings_of(models.VQVAE)["maps_revision"] == models.VQVAE.maps_revision > 0
     assert "maps_revision" not in settings_of(models.DAE)
