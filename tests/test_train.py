@@ -414,6 +414,20 @@ def test_recipe_steps_become_whole_epochs_of_the_training_set_unless_epochs_are_
     assert (train.plan_stages(model, args, 1)[1].epochs, train.plan_stages(model, args, 1)[1].total_steps) == (1, 5)
 
 
+def test_a_larger_set_trains_at_least_the_recipes_epochs_but_at_most_one_and_a_half_times_its_steps():
+    """The DAE's 2400 steps are 100 epochs of bottle; 288 screws get 100 epochs too, a thousand
+    solar cells 1.5x the steps, not 5x; small sets and given epochs are untouched."""
+    args = train.parse_args(["--model", "dae", "--category", "bottle"])
+    model = models.MODELS["dae"]()
+    steps = {n: train.plan_stages(model, args, n)[0].total_steps for n in (24, 25, 36, 128, 4, 1)}
+    assert steps == {24: 2400, 25: 2500, 36: 3600, 128: 3712, 4: 2400, 1: 2400}
+    assert "at least 100 passes over the 288 training images" in train.schedule_line(
+        train.plan_stages(model, args, 36)[0], args, 288)
+    assert train.schedule_line(train.plan_stages(model, args, 24)[0], args, 188).endswith("the recipe's 2400 steps")
+    args.epochs = 10
+    assert train.plan_stages(model, args, 128)[0].total_steps == 1280
+
+
 def test_an_epoch_of_several_passes_shows_every_image_once_per_pass():
     images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 2, 2).contiguous()
     sampler = train.DistributedSampler(range(5), 1, 0, shuffle=True, seed=0)
