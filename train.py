@@ -444,7 +444,7 @@ MIN_EPOCH_STEPS = 16
 # reconstructions then lose more of their threads. So the first stage runs at least the recipe's
 # min_epochs passes over the set (DAE 100), but never more than MAX_STEPS_FACTOR times the
 # recipe's steps, which keeps a large set within minutes. A screw-like stand-in, seeds 0 / 1:
-# image AUROC 0.838 / 0.857 -> 0.875 / 0.865, F1 0.154 / 0.413 -> 0.373 / 0.588 (4.2 -> 5.9 min);
+# image AUROC 0.838 / 0.857 -> 0.875 / 0.865, F1 0.154 / 0.413 -> 0.373 / 0.588 (4.2 -> 5.8 min);
 # 1018 solar cells at 1.5x the steps 0.805 -> 0.806 (at 2x 0.794); metal_nut 96 -> 100 epochs
 # 0.997 / 0.984 / 0.947 -> 0.993 / 0.985 / 0.950, within its seeds' spread; bottle is 100 epochs
 # either way (RESULTS.md, "A screw-like stand-in").
@@ -473,12 +473,12 @@ def plan_stages(model, args, steps_per_pass):
     return [plan(i, name) for i, name in enumerate(model.stages)]
 
 
-def schedule_line(stage, args, n_train):
+def schedule_line(stage, args, n_train, steps_per_pass):
     """One line: how long the first stage runs, and why."""
     line = f"schedule: {stage.epochs} epochs, {stage.total_steps} steps"
     if args.epochs:
         return f"{line} (--epochs)"
-    if first_stage_steps(args.steps, args.min_epochs, stage.steps_per_epoch // stage.passes) > args.steps:
+    if first_stage_steps(args.steps, args.min_epochs, steps_per_pass) > args.steps:
         return (f"{line}: at least {args.min_epochs} passes over the {n_train} training images, at most "
                 f"{MAX_STEPS_FACTOR:g}x the recipe's {args.steps} steps")
     return f"{line}: the recipe's {args.steps} steps"
@@ -862,9 +862,10 @@ def main(argv=None):
 
     sampler = DistributedSampler(range(len(train)), world, rank, shuffle=True, seed=args.seed)
     per_rank = max(1, args.batch_size // world)
-    stages = plan_stages(model, args, math.ceil(len(sampler) / per_rank))
+    steps_per_pass = math.ceil(len(sampler) / per_rank)
+    stages = plan_stages(model, args, steps_per_pass)
     if rank == 0:
-        print(schedule_line(stages[0], args, len(train)))
+        print(schedule_line(stages[0], args, len(train), steps_per_pass))
     for stage in stages:
         if resume and stage.index < resume["stage_index"]:
             continue

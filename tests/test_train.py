@@ -422,8 +422,8 @@ def test_a_larger_set_trains_at_least_the_recipes_epochs_but_at_most_one_and_a_h
     steps = {n: train.plan_stages(model, args, n)[0].total_steps for n in (24, 25, 36, 128, 4, 1)}
     assert steps == {24: 2400, 25: 2500, 36: 3600, 128: 3712, 4: 2400, 1: 2400}
     assert "at least 100 passes over the 288 training images" in train.schedule_line(
-        train.plan_stages(model, args, 36)[0], args, 288)
-    assert train.schedule_line(train.plan_stages(model, args, 24)[0], args, 188).endswith("the recipe's 2400 steps")
+        train.plan_stages(model, args, 36)[0], args, 288, 36)
+    assert train.schedule_line(train.plan_stages(model, args, 24)[0], args, 188, 24).endswith("the recipe's 2400 steps")
     args.epochs = 10
     assert train.plan_stages(model, args, 128)[0].total_steps == 1280
 
