@@ -249,11 +249,11 @@ class AutoEncoder(nn.Module):
                      first stage, `<stage>_steps` and `<stage>_lr` of each later one (default:
                      the first's), `batch_size`, `anomaly_fraction` (the share of each batch
                      given synthetic anomalies to restore). train.py turns steps into whole
-                     epochs of the training set, so training time does not grow with the number
+                     epochs of the training set, so training time grows little with the number
                      of images and a small set still gets enough updates: 2400 steps of batch 8
-                     are 100 epochs of bottle's 188 images, 96 of metal_nut's 198 (measured
-                     training times: RESULTS.md). `min_epochs`: the first stage runs at least
-                     that many passes over a larger set, up to 1.5x its steps (train.py).
+                     are 100 epochs of bottle's 188 images (measured training times:
+                     RESULTS.md). `min_epochs`: the first stage runs at least that many passes
+                     over a larger set, up to 1.5x its steps (train.py).
                      `bf16`: train under bf16 autocast where the device has bf16 units (set
                      for the models whose detection figures were measured that way).
         anomaly_stages     the stages whose batches get synthetic anomalies (train.py)
