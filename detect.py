@@ -273,7 +273,8 @@ def image_scores(maps, rule, topk):
 # is held at the image's lowest value. A part missing from where its reconstruction draws it
 # keeps its map. Pixel AUROC / AUPRO, metal_nut 0.966 / 0.926 -> 0.974 / 0.941 (seed 1 0.963 /
 # 0.917 -> 0.970 / 0.931), its grey copy 0.954 / 0.837 -> 0.963 / 0.864, bottle 0.987 / 0.943
-# both; image scores unchanged (RESULTS.md). Textures and busy scenes have no plain border and keep the map everywhere.
+# both; image scores unchanged (RESULTS.md). Textures and busy scenes have no plain border and
+# keep the map everywhere.
 # Dust on the table lies away from it but is no part: only the part's main piece (data.main_part)
 # keeps its map. A dusty stand-in's good nuts set the threshold with specks the model smoothed
 # away; held, its image AUROC went 0.822 -> 0.956 (RESULTS.md, "Dust on the table").
@@ -996,8 +997,8 @@ def load_run(args):
         return compute_maps(model, images, names, device, args.batch_size, args.mc_passes, perceptual, args.seed,
                             extra=picture_maps(allowed) if pictures else ())
     split = checks.split_of(ckpt, ckpt_path, root, args.category)
-    return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, ckpt_sha256=sha256, cfg=cfg, root=root, names=names,
-                           maps_of=maps_of, n_val=len(split["val"]), name=ckpt["model_name"],
+    return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, ckpt_sha256=sha256, cfg=cfg, root=root,
+                           names=names, maps_of=maps_of, n_val=len(split["val"]), name=ckpt["model_name"],
                            zoom=cfg.get("zoom_window"))
 
 
