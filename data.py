@@ -17,7 +17,8 @@ Splits:
     test  = all of test/, with label 0 (good) / 1 (defect), defect type, and a binary mask
 
 A run that zooms (train.decide_zoom: a small part anywhere on a plain table) has every image and
-mask cut to a window around its part before the resize (part_box, cut_out).
+mask cut to a window around its part before the resize (part_box, cut_window); where those
+parts are long and lie at any angle, the window turns with each part's long axis.
 
 Run as a script: `python data.py --synthetic DIR` writes a small synthetic category (a test
 fixture, not a benchmark), `python data.py --download CATEGORY` fetches MVTec AD.
@@ -27,6 +28,7 @@ import collections
 import glob
 import hashlib
 import http.client
+import math
 import os
 import shutil
 import sys
@@ -418,18 +420,59 @@ def part_span(part):
     return (y0 + y1 + 1) / 2 / h, (x0 + x1 + 1) / 2 / w, (y1 - y0 + 1) / h, (x1 - x0 + 1) / w
 
 
+def part_axis(part, row_scale=1.0, column_scale=1.0):
+    """(centre y, centre x, length, width, angle) of a part (bool (H, W)) in its own frame: the long
+    axis is the principal direction of its pixels (covariance's larger eigenvector), pointed from
+    its heavier end to its lighter one (the third moment of the pixels along it is positive: a
+    screw's head at the start, its tip at the end); centre, length and width are those of the box
+    from the 1st to the 99th percentile along and across it. Pixels, each row and column scaled (a
+    square copy of an image of another shape), pixel (i, j) spanning [i, i + 1) x [j, j + 1); angle
+    in radians from the x axis towards y."""
+    ys, xs = np.nonzero(part)
+    if len(ys) < 2:
+        return part.shape[0] * row_scale / 2, part.shape[1] * column_scale / 2, 0.0, 0.0, 0.0  # no part
+    points = np.stack([(xs + 0.5) * column_scale, (ys + 0.5) * row_scale], 1)
+    points = points - points.mean(0)
+    along = np.linalg.eigh(np.cov(points.T))[1][:, -1]  # unit vector (x, y)
+    t = points @ along
+    along = along if (t ** 3).mean() >= 0 else -along
+    t, s = points @ along, points @ np.array([-along[1], along[0]])
+    (t0, t1), (s0, s1) = np.percentile(t, [1, 99]), np.percentile(s, [1, 99])
+    mean = np.array([(xs.mean() + 0.5) * column_scale, (ys.mean() + 0.5) * row_scale])
+    x, y = mean + along * (t0 + t1) / 2 + np.array([-along[1], along[0]]) * (s0 + s1) / 2
+    return float(y), float(x), float(t1 - t0), float(s1 - s0), float(np.arctan2(along[1], along[0]))
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a zoomed image is cut: box (left, top, right, bottom; whole pixels, reaching past the
+    image's edges where need be) and, for a turned window, the angle (degrees, counter-clockwise)
+    that lays its part's long axis left to right, and the side of the square then cut from the
+    middle of the turned box (pixels)."""
+    box: tuple
+    degrees: float = 0.0
+    side: int = 0
+
+
 def part_box(im, zoom, size):
-    """(box, table): the window (left, top, right, bottom; whole pixels of the PIL RGB image im)
-    zoom["side"] times its width and height, centred on its part as found on a size x size copy,
-    and the image's table (3, 6) found there. The box may reach past the image's edges (cut_out
-    fills there), so that every part lies in the middle of its window. train.decide_zoom says when
-    and how large."""
+    """(window, table): the Window of the PIL RGB image im zoom["side"] times its width and height,
+    centred on its part as found on a size x size copy, and the image's table (3, 6) found there.
+    With zoom["turn"] the window is a square (zoom["side"] of the image's longer side) turned with
+    the part's long axis (part_axis). The box may reach past the image's edges (cut_out fills
+    there), so that every part lies in the middle of its window. train.decide_zoom says when and
+    how large."""
     small = torch.from_numpy(np.asarray(im.resize((size, size), Image.BILINEAR)).copy()).permute(2, 0, 1)[None]
     parts, tables = parts_of(small)
+    if zoom.get("turn"):
+        cy, cx, _, _, angle = part_axis(parts[0], im.height / size, im.width / size)
+        side = round(zoom["side"] * max(im.width, im.height))
+        reach = math.ceil(side / math.sqrt(2)) + 1  # half the box that holds the window at any angle
+        left, top = round(cx - reach), round(cy - reach)
+        return Window((left, top, left + 2 * reach, top + 2 * reach), math.degrees(angle), side), tables[0]
     cy, cx, _, _ = part_span(parts[0])
     width, height = round(zoom["side"] * im.width), round(zoom["side"] * im.height)
     left, top = round(cx * im.width - width / 2), round(cy * im.height - height / 2)
-    return (left, top, left + width, top + height), tables[0]
+    return Window((left, top, left + width, top + height)), tables[0]
 
 
 def table_under(im, box, table):
@@ -450,6 +493,17 @@ def cut_out(im, box, table=None):
               else Image.new(im.mode, (right - left, bottom - top), 0))
     window.paste(im, (-left, -top))
     return window
+
+
+def cut_window(im, window, table=None, resample=Image.BICUBIC):
+    """The Window of PIL image im: its box cut out (cut_out), and for a turned window turned about
+    the box's centre (resample: NEAREST keeps a mask binary) and cut to the square in its middle."""
+    im = cut_out(im, window.box, table)
+    if not window.side:
+        return im
+    im = im.rotate(window.degrees, resample=resample)
+    start = (im.width - window.side) // 2
+    return im.crop((start, start, start + window.side, start + window.side))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -482,30 +536,30 @@ def mask_array(im):
 
 
 def read_zoomed(path, size, zoom=None):
-    """(uint8 (3, S, S), box): the image decoded to RGB (grayscale repeated to 3 channels) and
-    resized to size x size; with zoom, only the window part_box finds around its part, and box
-    that window (None without zoom)."""
+    """(uint8 (3, S, S), window): the image decoded to RGB (grayscale repeated to 3 channels) and
+    resized to size x size; with zoom, only the Window part_box finds around its part, and that
+    window (None without zoom)."""
     try:
         with Image.open(path) as im:
-            im, box = to_rgb(im), None
+            im, window = to_rgb(im), None
             if zoom is not None:
-                box, table = part_box(im, zoom, size)
-                im = cut_out(im, box, table)
+                window, table = part_box(im, zoom, size)
+                im = cut_window(im, window, table)
             im = im.resize((size, size), Image.BILINEAR)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read image '{path}': {e}") from None
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), box
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), window
 
 
 def read_image(path, size, zoom=None):
-    """uint8 (3, S, S): read_zoomed without its box."""
+    """uint8 (3, S, S): read_zoomed without its window."""
     return read_zoomed(path, size, zoom)[0]
 
 
-def read_mask(path, size, image_path=None, box=None):
+def read_mask(path, size, image_path=None, window=None):
     """Nearest-neighbour resize keeps the mask binary: uint8 {0, 1} (1, S, S). Non-zero pixels
     are defect. With image_path, a mask of another size than its image is an error, not a
-    silent resize (it would mark the wrong pixels). box: the image's zoom window (read_zoomed)."""
+    silent resize (it would mark the wrong pixels). window: the image's zoom Window (read_zoomed)."""
     if path is None:
         return torch.zeros(1, size, size, dtype=torch.uint8)
     try:
@@ -517,7 +571,8 @@ def read_mask(path, size, image_path=None, box=None):
                             f"mask '{path}' is {im.size[0]}x{im.size[1]} but its image '{image_path}' "
                             f"is {image.size[0]}x{image.size[1]}; a mask must have its image's size")
             binary = Image.fromarray(mask_array(im).astype(np.uint8))
-            binary = (binary if box is None else cut_out(binary, box)).resize((size, size), Image.NEAREST)
+            binary = binary if window is None else cut_window(binary, window, resample=Image.NEAREST)
+            binary = binary.resize((size, size), Image.NEAREST)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"cannot read mask '{path}': {e}") from None
     return torch.from_numpy(np.asarray(binary).astype(np.uint8))[None]
@@ -546,8 +601,8 @@ def load_split(root, category, split, size, val_fraction=0.1, seed=0, files=None
         entries = [(p, "good", None) for p in files]
     if not entries:
         raise DatasetError(f"split '{split}' of '{cat}' is empty (val_fraction={val_fraction})")
-    images, boxes = zip(*decode_all(lambda e: read_zoomed(e[0], size, zoom), entries, f"decode {category}/{split}"))
-    masks = decode_all(lambda i: read_mask(entries[i][2], size, entries[i][0], boxes[i]), range(len(entries)),
+    images, windows = zip(*decode_all(lambda e: read_zoomed(e[0], size, zoom), entries, f"decode {category}/{split}"))
+    masks = decode_all(lambda i: read_mask(entries[i][2], size, entries[i][0], windows[i]), range(len(entries)),
                        f"masks {category}/{split}")
     return Split(
         images=torch.stack(images),

@@ -1006,7 +1006,8 @@ def map_line(run, args):
     """How the run's maps are made, for the first line a run prints."""
     turned = run.cfg.get("rotate_used", False) and args.map == run.model.turned_map
     why = " (the model's map for a run that turned its few training images)" if turned else ""
-    zoom = f" of the {run.zoom['side']:.0%} window around each image's part" if run.zoom else ""
+    zoom = (f" of the {run.zoom['side']:.0%} window around each image's part"
+            f"{', turned with its long axis' if run.zoom.get('turn') else ''}" if run.zoom else "")
     return f"at {run.cfg['size']} px{zoom}, map {args.map}{why}, closing {args.close} px, sigma {args.sigma:g} px"
 
 

@@ -214,8 +214,8 @@ def save_samples(model, n, batch_size, seed, folder, desc):
 @functools.lru_cache(maxsize=4)  # models of one category share these images: decode them once
 def held_out_normal(root, category, size, val_files, zoom=None):
     """Normal images the model never trained on: its val files (as recorded in training) and
-    test/good. zoom: a zoomed run's window side, a number so the cache can key on it."""
-    zoom = None if zoom is None else {"side": zoom}
+    test/good. zoom: a zoomed run's window as (side, turn) pairs, so the cache can key on it."""
+    zoom = None if zoom is None else dict(zoom)
     test = data.load_split(root, category, "test", size, zoom=zoom)
     parts = [test.images[test.labels == 0]]
     if val_files:
@@ -279,7 +279,7 @@ def evaluate_model(category, name, path, args, device, inception, perceptual):
     data.ensure_category(root, category, args.download)
     size = model.config["image_size"]
     zoom = config.get("zoom_window")  # the run saw each image cut to its part's window: so do these
-    reference = f"reference_{size}" + (f"_zoom{zoom['side']:g}" if zoom else "")
+    reference = f"reference_{size}" + (f"_zoom{zoom['side']:g}{'_turned' if zoom.get('turn') else ''}" if zoom else "")
     row = {"category": category, "model": name, "resolution": size, "checkpoint": str(path)}
     eval_dir = Path(args.runs) / "eval" / category
     prior_trained = ckpt.get("stage_index", 0) == len(model.stages) - 1
@@ -297,7 +297,7 @@ def evaluate_model(category, name, path, args, device, inception, perceptual):
                                       *inception, device.type == "cuda", args.batch_size, args.seed))
     split = checks.split_of(ckpt, path, root, category)
     images = held_out_normal(root, category, size, tuple(data.split_files(root, category, split, "val")),
-                             zoom and zoom["side"])
+                             zoom and tuple(sorted(zoom.items())))
     row.update(reconstruction_metrics(model, images, args.batch_size, device, perceptual))
     return row
 

@@ -6,7 +6,8 @@
 The model owns its objective (model.loss) and its defaults (model.recipe, its constructor); this
 file runs its stages in order, each epoch train_epoch -> validate -> checkpoint. Before the
 first, it reads from the training images whether to cut each image to a window around its part
-(--zoom auto: a small part on a plain background at changing places) and whether to turn them by
+(--zoom auto: a small part on a plain background at changing places; turned with the part where
+it is long and lies at any angle) and whether to turn them by
 random angles (--rotate auto: few images of parts that lie at any angle), and prints both decisions.
 Writes to <runs>/<category>/<model>/ (--runs, default outputs; --out names the folder itself):
     checkpoint.pt   latest state (model args + weights + optimizer + stage/epoch/step + config +
@@ -116,8 +117,9 @@ def parse_args(argv=None):
                         "training images show the part on a plain background, not in the same place in "
                         f"every image (a screw anywhere on the table), and the largest part spans under "
                         f"{100 * ZOOM_MAX_SIDE / ZOOM_MARGIN:.0f} %% of the frame; the window is {ZOOM_MARGIN:g} times "
-                        "that wide (printed with its reason). Parts that lie alike keep the whole frame, "
-                        "where a part in the wrong place is a defect")
+                        "that wide (printed with its reason). Where the parts are long and lie at any angle "
+                        "(a screw), the window also turns with each part's long axis, heavier end first. "
+                        "Parts that lie alike keep the whole frame, where a part in the wrong place is a defect")
     p.add_argument("--moved", choices=["auto", "on", "off"], default="auto",
                    help="also give some synthetic anomalies a blob of their own image moved a few pixels "
                         "(structure out of line: a bent lead, a misplaced part). auto: on for the models "
@@ -666,9 +668,31 @@ ZOOM_MARGIN = 1.25  # room around the largest part: a part found a little off ce
 ZOOM_MAX_SIDE = 0.75  # a larger window gains under 1.8x the pixels: not worth moving the part
 
 
+# A long part at any angle (a screw) is more: the model must learn its every angle from a few
+# hundred images, and a good part at a rarer angle comes back worse (its head, its tip) than a
+# defective one at a common angle. Where the parts are long and their axes point every way, each
+# window turns with its part's long axis (data.part_axis), heavier end first, so every part lies
+# alike. Parts whose axes all point one way keep their angle: a part turned out of line is a defect.
+TURN_ELONGATION = 2.0  # the median part's length over its width; a nut or a bottle seen from above: 1
+TURN_ALIGNED = 0.5  # |mean of exp(2i angle)| of the parts' axes: 1 along one line, near 0 at any angle
+
+
+def decide_turn(axes):
+    """(turn or not, why) from each training part's part_axis (length, width, angle)."""
+    length, width, angle = (np.array(v) for v in zip(*((a[2], a[3], a[4]) for a in axes)))
+    elongation = float(np.median(length / np.maximum(width, 1e-6)))
+    if elongation < TURN_ELONGATION:
+        return False, f"parts not long ({elongation:.1f}x as long as wide < {TURN_ELONGATION:g})"
+    aligned = float(np.abs(np.exp(2j * angle).mean()))
+    if aligned >= TURN_ALIGNED:
+        return False, f"long parts along one line (axes agree {aligned:.2f} >= {TURN_ALIGNED:g})"
+    return True, f"long parts, {elongation:.1f}x as long as wide, at any angle (axes agree {aligned:.2f})"
+
+
 def decide_zoom(mode, images):
     """(zoom or None, why) for --zoom auto|off from the training images (uint8 N, 3, S, S); zoom
-    is {"side": the window's side as a fraction of the image's}."""
+    is {"side": the window's side as a fraction of the image's, "turn": whether the window turns
+    with the part's long axis}."""
     if mode == "off":
         return None, "--zoom off"
     plain, share = data.plain_background(images)
@@ -676,14 +700,20 @@ def decide_zoom(mode, images):
         return None, f"no plain background to find the part on (only {share:.0%} of the border on a smooth table)"
     if len(images) > 1 and lie_alike(images) >= ALIKE_CORR:
         return None, "parts lie alike: the whole frame shows a part out of place"
-    spans = [data.part_span(part) for part in data.parts_of(images)[0]]
-    largest = float(max(max(height, width) for _, _, height, width in spans))
+    parts = data.parts_of(images)[0]
+    axes = [data.part_axis(part) for part in parts]
+    turn, why_turn = decide_turn(axes) if len(images) > 1 else (False, "one training image")
+    if turn:  # a turned window must hold the part along and across its axis
+        largest = float(max(max(length, width) for _, _, length, width, _ in axes)) / images.shape[-1]
+    else:
+        largest = float(max(max(height, width) for _, _, height, width in map(data.part_span, parts)))
     side = ZOOM_MARGIN * largest
     if side >= ZOOM_MAX_SIDE:
         return None, f"parts fill the frame (the largest spans {largest:.0%} of it)"
-    return ({"side": round(side, 4)},
+    turned = f", turned with its part's long axis: {why_turn}" if turn else f"; not turned: {why_turn}"
+    return ({"side": round(side, 4), "turn": turn},
             f"parts span at most {largest:.0%} of the frame, at changing places: each image is cut to "
-            f"the {side:.0%} window around its part ({1 / side ** 2:.1f}x the pixels)")
+            f"the {side:.0%} window around its part ({1 / side ** 2:.1f}x the pixels){turned}")
 
 
 def train_step(net, optimizer, x, stage, args, perceptual=None):
@@ -818,6 +848,25 @@ def save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config, sp
         save_atomic(ckpt, os.path.join(out, "best.pt"))
 
 
+def settings_before(config):
+    """{setting: (value, why)} for each setting a resumed run's config predates: the run goes on
+    as it was trained (whole images, windows that do not turn, no moved or removed blobs, a
+    schedule without a floor), not as a new run would be decided. Empty for a run of this version."""
+    older, window = {}, config.get("zoom_window")
+    if "zoom_window" not in config:
+        older["zoom_window"] = (None, "the run being resumed was trained on whole images")
+    elif window and "turn" not in window:
+        older["zoom_window"] = ({**window, "turn": False},
+                                "the run being resumed was trained on windows that do not turn")
+    if "moved_share" not in config:
+        older["moved_share"] = (0.0, "the run being resumed was trained without them")
+    if "removed" not in config:
+        older["removed"] = (0.0, "the run being resumed was trained without them")
+    if "min_epochs" not in config:
+        older["min_epochs"] = (0, "the run being resumed was planned without a floor")
+    return older
+
+
 def main(argv=None):
     args = parse_args(argv)
     model_config = checks.check_model_config(args.model, model_args(args))  # before any data is read
@@ -827,19 +876,14 @@ def main(argv=None):
     checks.claim_run_dir(args.out, args.resume, args.overwrite)  # a finished run is never replaced silently
     resume = load_resume(args, device, model_config)
     split, train, val = load_data(args, rank, world, resume)
-    args.zoom_window, why_zoom = decide_zoom(args.zoom, train.images)
-    if resume and "zoom_window" not in resume["config"]:  # a run from before zooming existed
-        args.zoom_window, why_zoom = None, "the run being resumed was trained on whole images"
+    older = settings_before(resume["config"]) if resume else {}
+    args.zoom_window, why_zoom = older.get("zoom_window") or decide_zoom(args.zoom, train.images)
     if args.zoom_window:
         train, val = train_and_val(args, split, args.zoom_window)
     args.rotate_used, why = decide_rotation(args.rotate, train.images)
-    args.moved_share, why_moved = decide_moved(args.moved, args.model, train.images)
-    if resume and "moved_share" not in resume["config"]:  # a run from before moved blobs existed
-        args.moved_share, why_moved = 0.0, "the run being resumed was trained without them"
-    if resume and "removed" not in resume["config"]:  # likewise for removed blobs
-        args.removed = 0.0
-    if resume and "min_epochs" not in resume["config"]:  # and for its schedule, planned without a floor
-        args.min_epochs = 0
+    args.moved_share, why_moved = older.get("moved_share") or decide_moved(args.moved, args.model, train.images)
+    args.removed = older.get("removed", (args.removed,))[0]
+    args.min_epochs = older.get("min_epochs", (args.min_epochs,))[0]
     model = make_model(args, device)
     perceptual = load_perceptual(model, args, device, rank)
     if args.overwrite and rank == 0:

@@ -63,6 +63,16 @@ def mottled(n=4, size=128, part=16, amplitude=3.0, seed=0):
     return torch.from_numpy(np.stack(images)).round().clamp(0, 255).to(torch.uint8)
 
 
+def long_part(size, angle, centre, length=60, shank=5, head=12, head_length=14):
+    """bool (size, size): a screw-like part, a shank `shank` px wide and a wider head at its start,
+    its axis from head to tip at `angle` (radians, from x towards y) through `centre` (y, x)."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    u = (x - centre[1]) * np.cos(angle) + (y - centre[0]) * np.sin(angle)
+    v = -(x - centre[1]) * np.sin(angle) + (y - centre[0]) * np.cos(angle)
+    along = np.abs(u) < length / 2
+    return along & ((np.abs(v) < shank / 2) | ((u < -length / 2 + head_length) & (np.abs(v) < head / 2)))
+
+
 def write_small_parts(root, category="small_parts", size=96, part=20, n_train=24, seed=0):
     """A small part (a bright L with grain) anywhere on a plain dark table, in the MVTec layout:
     n_train train/good, 4 test/good, 4 test/spot (a dark spot on the part, masked). A screw on

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, mottled, unevenly_lit
+from conftest import ROOT, long_part, mottled, unevenly_lit
 import data
 
 
@@ -138,10 +138,53 @@ def test_a_zoomed_image_and_its_mask_are_cut_to_the_same_window_around_the_part(
     assert zoomed.masks[4:].sum() > 5 * whole.masks[4:].sum()
     corner = Image.new("RGB", (40, 40), (24, 24, 24))
     corner.paste((200, 200, 200), (0, 0, 8, 8))  # a part at the image's corner
-    box, table = data.part_box(corner, {"side": 0.5}, 40)
-    assert box == (-6, -6, 14, 14)  # centred on the part, past the edges
-    window = np.asarray(data.cut_out(corner, box, table))
+    window, table = data.part_box(corner, {"side": 0.5}, 40)
+    assert window.box == (-6, -6, 14, 14) and not window.side  # centred on the part, past the edges
+    window = np.asarray(data.cut_window(corner, window, table))
     assert (window[:6] == 24).all() and (window[:, :6] == 24).all() and (window[6:14, 6:14] == 200).all()
+
+
+def test_a_long_parts_axis_points_from_its_heavy_end_and_a_turned_window_lays_it_left_to_right():
+    """A screw-like part at 35 degrees: part_axis finds its angle, centre and length; its turned
+    window shows it across the middle, head on the left, and its mask turns with it."""
+    part = long_part(128, np.radians(35), (70, 60))
+    cy, cx, length, width, angle = data.part_axis(part)
+    assert abs(np.degrees(angle) - 35) < 2 and abs(cy - 70) < 1.5 and abs(cx - 60) < 1.5
+    assert abs(length - 60) < 3 and abs(width - 12) < 3
+    assert abs(np.degrees(data.part_axis(long_part(128, np.radians(215), (70, 60)))[4]) % 360 - 215) < 2
+    im = Image.fromarray(np.where(part, 60, 200).astype(np.uint8)).convert("RGB")
+    window, table = data.part_box(im, {"side": 0.6, "turn": True}, 128)
+    turned = np.asarray(data.cut_window(im, window, table))[..., 0] < 130
+    assert turned.shape == (77, 77) and abs(data.part_axis(turned)[4]) < np.radians(3)
+    columns = turned.sum(0)  # the part's height in each column: the head is the tall end
+    ys, xs = np.nonzero(turned)
+    assert abs(ys.mean() - 38.5) < 2 and xs.min() > 2 and xs.max() < 74
+    assert columns[xs.min():xs.min() + 8].mean() > 2 * columns[xs.max() - 8:xs.max() + 1].mean()
+    mask = Image.fromarray(part.astype(np.uint8))  # the mask of the whole part, cut the same way
+    cut = np.asarray(data.cut_window(mask, window, resample=Image.NEAREST))
+    assert set(np.unique(cut)) <= {0, 1} and (cut.astype(bool) ^ turned).sum() < 0.1 * turned.sum()  # edges alone
+
+
+def test_a_turned_windows_image_and_mask_show_each_part_left_to_right_with_the_defect_where_it_was(tmp_path):
+    """Screw-like parts at any angle, each with its tip half masked: in every turned window the
+    part lies left to right, head first, and the mask covers the right half of what it shows."""
+    rng = np.random.default_rng(0)
+    folder, truth = tmp_path / "screws/test/tip", tmp_path / "screws/ground_truth/tip"
+    folder.mkdir(parents=True), truth.mkdir(parents=True)
+    for i, degrees in enumerate((10, 100, 200, 290)):
+        angle, centre = np.radians(degrees), rng.uniform(45, 83, 2)
+        part = long_part(128, angle, centre)
+        tip = part & ~long_part(128, angle, centre - 15 * np.array([np.sin(angle), np.cos(angle)]), length=30)
+        Image.fromarray(np.where(part, 60, 200).astype(np.uint8)).save(folder / f"{i:03d}.png")
+        Image.fromarray(tip.astype(np.uint8) * 255).save(truth / f"{i:03d}_mask.png")
+    test = data.load_split(tmp_path, "screws", "test", 64, zoom={"side": 0.6, "turn": True})
+    for image, mask in zip(test.images, test.masks):
+        part = image[0].numpy() < 130
+        ys, xs = np.nonzero(part)
+        assert abs(np.degrees(data.part_axis(part)[4])) < 5 and abs(ys.mean() - 32) < 2
+        marked = np.nonzero(mask[0].numpy())[1]
+        assert len(marked) > 50 and abs(marked.min() - (xs.min() + xs.max()) / 2) < 3
+        assert part[mask[0].bool().numpy()].mean() > 0.9
 
 
 def test_a_part_on_a_mottled_table_is_found_where_it_lies():
@@ -192,8 +235,8 @@ def test_a_table_lit_unevenly_is_plain_and_each_images_part_is_found_on_it():
         assert data.part_span(part)[2] < 0.2
     im = Image.fromarray(images[0].permute(1, 2, 0).numpy())
     box, table = data.part_box(im, {"side": 0.8}, 64)
-    window = np.asarray(data.cut_out(im, box, table), np.float32)
-    left, top = -box[0], -box[1]
+    window = np.asarray(data.cut_window(im, box, table), np.float32)
+    left, top = -box.box[0], -box.box[1]
     assert left > 0 or top > 0  # the window reaches past an edge
     seam = window[top:top + 64, left] - window[top:top + 64, left - 1] if left > 0 else \
         window[top, left:left + 64] - window[top - 1, left:left + 64]

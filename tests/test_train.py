@@ -7,11 +7,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, long_part
 import models
 import train
 
@@ -518,13 +519,49 @@ def parts_on_a_table(n, size=64, part=12, places="random"):
 def test_zoom_is_on_only_for_small_parts_at_changing_places_on_a_plain_background():
     small = parts_on_a_table(8)
     zoom, why = train.decide_zoom("auto", small)
-    assert set(zoom) == {"side"} and "at changing places" in why
+    assert set(zoom) == {"side", "turn"} and not zoom["turn"] and "at changing places" in why
     assert abs(zoom["side"] - train.ZOOM_MARGIN * 12 / 64) < 0.02 and type(zoom["side"]) is float
     assert train.decide_zoom("off", small) == (None, "--zoom off")
     assert "lie alike" in train.decide_zoom("auto", parts_on_a_table(8, places="one"))[1]  # a misplaced part shows
     assert "fill the frame" in train.decide_zoom("auto", parts_on_a_table(8, part=48))[1]
     texture = (torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     assert "no plain background" in train.decide_zoom("auto", texture)[1]
+
+
+def long_parts_on_a_table(angles, size=128):
+    """Images of a screw-like part (long_part) on a plain table, one per angle (degrees),
+    each at another place."""
+    gen = np.random.default_rng(0)
+    images = [np.where(long_part(size, np.radians(a), gen.uniform(40, size - 40, 2)), 60, 200) for a in angles]
+    return torch.from_numpy(np.stack(images).astype(np.uint8))[:, None].repeat(1, 3, 1, 1)
+
+
+def test_the_window_turns_only_for_long_parts_whose_axes_point_every_way():
+    """Long parts at any angle: turned, and the window holds the part's length; along one line
+    (a part turned out of line is then a defect) or round: not turned."""
+    any_angle = np.linspace(0, 360, 12, endpoint=False)
+    zoom, why = train.decide_zoom("auto", long_parts_on_a_table(any_angle))
+    assert zoom["turn"] and "turned with its part's long axis" in why
+    assert abs(zoom["side"] - train.ZOOM_MARGIN * 60 / 128) < 0.03
+    zoom, why = train.decide_zoom("auto", long_parts_on_a_table([30 + 180 * (i % 2) for i in range(12)]))
+    assert not zoom["turn"] and "along one line" in why
+    zoom, why = train.decide_zoom("auto", parts_on_a_table(8))
+    assert not zoom["turn"] and "not long" in why
+
+
+def test_a_run_trained_before_a_setting_existed_resumes_as_it_was_trained():
+    """A config without the zoom window, moved or removed blobs or the epoch floor resumes with
+    whole images, none of those blobs and no floor; a window recorded before windows turned keeps
+    its side and does not turn; a run of this version keeps every decision of its own."""
+    older = train.settings_before({"size": 128})
+    assert {k: v[0] for k, v in older.items()} == {"zoom_window": None, "moved_share": 0.0, "removed": 0.0,
+                                                   "min_epochs": 0}
+    older = train.settings_before({"zoom_window": {"side": 0.56}, "moved_share": 0.0, "removed": 0.5,
+                                   "min_epochs": 100})
+    assert older == {"zoom_window": ({"side": 0.56, "turn": False}, older["zoom_window"][1])}
+    assert train.settings_before({"zoom_window": {"side": 0.56, "turn": True}, "moved_share": 0.0,
+                                  "removed": 0.5, "min_epochs": 100}) == {}
+    assert train.settings_before({"zoom_window": None, "moved_share": 0.0, "removed": 0.5, "min_epochs": 100}) == {}
 
 
 def test_zoom_is_printed_recorded_and_kept_by_a_resume(small_parts_root, tmp_path):
