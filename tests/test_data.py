@@ -138,9 +138,9 @@ def test_a_zoomed_image_and_its_mask_are_cut_to_the_same_window_around_the_part(
     assert zoomed.masks[4:].sum() > 5 * whole.masks[4:].sum()
     corner = Image.new("RGB", (40, 40), (24, 24, 24))
     corner.paste((200, 200, 200), (0, 0, 8, 8))  # a part at the image's corner
-    window, table = data.part_box(corner, {"side": 0.5}, 40)
-    assert window.box == (-6, -6, 14, 14) and not window.side  # centred on the part, past the edges
-    window = np.asarray(data.cut_window(corner, window, table))
+    where, table = data.part_box(corner, {"side": 0.5}, 40)
+    assert where.box == (-6, -6, 14, 14) and not where.side  # centred on the part, past the edges
+    window = np.asarray(data.cut_window(corner, where, table))
     assert (window[:6] == 24).all() and (window[:, :6] == 24).all() and (window[6:14, 6:14] == 200).all()
 
 
@@ -234,9 +234,9 @@ def test_a_table_lit_unevenly_is_plain_and_each_images_part_is_found_on_it():
         assert 12 * 12 - 4 <= part.sum() <= 12 * 12  # the 3 x 3 median rounds off the square's 4 corners
         assert data.part_span(part)[2] < 0.2
     im = Image.fromarray(images[0].permute(1, 2, 0).numpy())
-    box, table = data.part_box(im, {"side": 0.8}, 64)
-    window = np.asarray(data.cut_window(im, box, table), np.float32)
-    left, top = -box.box[0], -box.box[1]
+    where, table = data.part_box(im, {"side": 0.8}, 64)
+    window = np.asarray(data.cut_window(im, where, table), np.float32)
+    left, top = -where.box[0], -where.box[1]
     assert left > 0 or top > 0  # the window reaches past an edge
     seam = window[top:top + 64, left] - window[top:top + 64, left - 1] if left > 0 else \
         window[top, left:left + 64] - window[top - 1, left:left + 64]
