@@ -435,11 +435,12 @@ def part_axis(part, row_scale=1.0, column_scale=1.0):
     points = points - points.mean(0)
     along = np.linalg.eigh(np.cov(points.T))[1][:, -1]  # unit vector (x, y)
     t = points @ along
-    along = along if (t ** 3).mean() >= 0 else -along
-    t, s = points @ along, points @ np.array([-along[1], along[0]])
-    (t0, t1), (s0, s1) = np.percentile(t, [1, 99]), np.percentile(s, [1, 99])
+    if (t ** 3).mean() < 0:  # the heavier end first
+        along, t = -along, -t
+    across = np.array([-along[1], along[0]])
+    (t0, t1), (s0, s1) = np.percentile(t, [1, 99]), np.percentile(points @ across, [1, 99])
     mean = np.array([(xs.mean() + 0.5) * column_scale, (ys.mean() + 0.5) * row_scale])
-    x, y = mean + along * (t0 + t1) / 2 + np.array([-along[1], along[0]]) * (s0 + s1) / 2
+    x, y = mean + along * (t0 + t1) / 2 + across * (s0 + s1) / 2
     return float(y), float(x), float(t1 - t0), float(s1 - s0), float(np.arctan2(along[1], along[0]))
 
 
