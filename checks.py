@@ -331,8 +331,8 @@ RESUME_FIXED = {"model": "--model", "category": "--category", "size": "--size", 
                 "latent_dim": "--latent-dim", "width": "--width", "bottleneck": "--bottleneck",
                 "beta": "--beta", "no_ema": "--no-ema", "zoom": "--zoom", "rotate": "--rotate", "moved": "--moved",
                 "shift": "--shift"}
-# settings a resumed run takes from the command line, from the resumed epoch on: the schedule of
-# every stage (--epochs/--lr, --<stage>-epochs/--<stage>-lr) and the objective's weights
+# settings a resumed run takes from the command line, where given, from the resumed epoch on: the
+# schedule of every stage (--epochs/--lr, --<stage>-epochs/--<stage>-lr) and the objective's weights
 RESUME_FOLLOWS = {"epochs": "--epochs", "lr": "--lr",
                   **{f"{stage}_{what}": f"--{stage}-{what}" for cls in MODELS.values()
                      for stage in cls.stages[1:] for what in ("epochs", "lr")},
@@ -365,8 +365,8 @@ def read_resume(out, config, device, model_config=None):
         raise CheckpointError(
             f"--resume: {flag} is {new} but the run in '{out}' used {old}{more}; the split, the batches "
             "and the model stay as they were on resume: pass the run's value, or start over with --overwrite")
-    for key, flag in RESUME_FOLLOWS.items():
-        if key in was and was[key] != config.get(key):
+    for key, flag in RESUME_FOLLOWS.items():  # those left out follow the run (train.follow_run)
+        if key in was and was[key] != config.get(key) and key not in config.get("not_given", ()):
             print(f"note: --resume: {flag} {config.get(key)} (the run had {was[key]}) applies from the "
                   "resumed epoch on")
     return ckpt

@@ -178,6 +178,9 @@ def parse_args(argv=None):
     g.add_argument("--lpips-random-backbone", action="store_true",
                    help="allow a randomly initialised LPIPS backbone (logged as lpips_random)")
     args = p.parse_args(argv)
+    # a resumed run takes these from the run, not from the recipe (follow_run)
+    args.not_given = sorted(k for k in set(checks.RESUME_FOLLOWS) | set(recipe_defaults(MODELS[args.model]))
+                            if getattr(args, k, None) is None)
     for key, value in recipe_defaults(MODELS[args.model]).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -459,16 +462,19 @@ def first_stage_steps(steps, min_epochs, steps_per_pass):
     return min(max(steps, min_epochs * steps_per_pass), int(MAX_STEPS_FACTOR * steps))
 
 
-def plan_stages(model, args, steps_per_pass):
+def plan_stages(model, args, steps_per_pass, run_passes=None):
     """The model's stages, in order, with their peak lr and their epochs: as given (one pass
     each), else the recipe's steps (the first stage's raised by first_stage_steps) rounded up to
-    whole epochs of at least MIN_EPOCH_STEPS steps."""
+    whole epochs of at least MIN_EPOCH_STEPS steps. run_passes: a resumed run's passes per epoch
+    of each stage, kept so that its epochs still count the steps they counted (an --epochs given
+    on resume counts epochs of the run's length)."""
     def plan(i, name):
         lr = getattr(args, stage_option(i, name, "lr"))
         given = getattr(args, stage_option(i, name, "epochs"))
         steps = getattr(args, stage_option(i, name, "steps"))
         steps = first_stage_steps(steps, args.min_epochs, steps_per_pass) if i == 0 else steps
         passes = 1 if given else math.ceil(min(MIN_EPOCH_STEPS, steps) / steps_per_pass)  # never past `steps`
+        passes = run_passes[i] if run_passes else passes
         epochs = given or math.ceil(steps / (passes * steps_per_pass))
         return Stage(i, name, epochs, lr, passes * steps_per_pass, anomalies=name in model.anomaly_stages,
                      keep_last=name in model.last_epoch_stages, passes=passes)
@@ -843,28 +849,45 @@ def save_epoch(model, optimizer, stage, terms, scores, seconds, rows, config, sp
             "stage_index": stage.index, "stage": stage.name, "epoch": stage.epoch, "step": stage.step,
             "best_val": min(stage.best_val, scores["val_loss"]), "val": scores, "config": config,
             "split": split}
-    save_atomic(ckpt, os.path.join(out, "checkpoint.pt"))
+    # best.pt first: checkpoint.pt records this epoch's val loss as the best so far, and a run
+    # stopped between the two writes resumes from checkpoint.pt believing best.pt holds it
     if scores["val_loss"] < stage.best_val or stage.keep_last:
         save_atomic(ckpt, os.path.join(out, "best.pt"))
+    save_atomic(ckpt, os.path.join(out, "checkpoint.pt"))
 
 
-def settings_before(config):
-    """{setting: (value, why)} for each setting a resumed run's config predates: the run goes on
-    as it was trained (whole images, windows that do not turn, no moved or removed blobs, a
-    schedule without a floor), not as a new run would be decided. Empty for a run of this version."""
-    older, window = {}, config.get("zoom_window")
+KEPT = "as the run being resumed was trained"
+
+
+def settings_of_run(config):
+    """{setting: (value, why)}: what a resumed run keeps of its own instead of deciding it again
+    from the images (a threshold or a library that moved since could decide otherwise): its zoom
+    window, rotation and moved blobs. A setting its config predates takes the value the run was
+    trained with (whole images, windows that do not turn, no moved or removed blobs, a schedule
+    without a floor); a config without rotate_used decides it anew. Removed blobs and the floor
+    of a config that has them follow the run unless given (follow_run)."""
+    kept = {k: (config[k], KEPT) for k in ("zoom_window", "rotate_used", "moved_share") if k in config}
+    window = config.get("zoom_window")
     if "zoom_window" not in config:
-        older["zoom_window"] = (None, "the run being resumed was trained on whole images")
+        kept["zoom_window"] = (None, "the run being resumed was trained on whole images")
     elif window and "turn" not in window:
-        older["zoom_window"] = ({**window, "turn": False},
-                                "the run being resumed was trained on windows that do not turn")
-    if "moved_share" not in config:
-        older["moved_share"] = (0.0, "the run being resumed was trained without them")
-    if "removed" not in config:
-        older["removed"] = (0.0, "the run being resumed was trained without them")
+        kept["zoom_window"] = ({**window, "turn": False}, "the run being resumed was trained on windows that do not turn")
+    for key in ("moved_share", "removed"):
+        if key not in config:
+            kept[key] = (0.0, "the run being resumed was trained without them")
     if "min_epochs" not in config:
-        older["min_epochs"] = (0, "the run being resumed was planned without a floor")
-    return older
+        kept["min_epochs"] = (0, "the run being resumed was planned without a floor")
+    return kept
+
+
+def follow_run(args, ckpt):
+    """On --resume, each schedule option and objective weight the command line leaves out
+    (args.not_given) takes the run's value, not the recipe's: a plain --resume goes on as the run
+    was planned, and one that sets --epochs or --lr changes only that."""
+    was = {**ckpt["config"], **ckpt["model_args"]}
+    for key in args.not_given:
+        if key in was:
+            setattr(args, key, was[key])
 
 
 def main(argv=None):
@@ -875,15 +898,17 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     checks.claim_run_dir(args.out, args.resume, args.overwrite)  # a finished run is never replaced silently
     resume = load_resume(args, device, model_config)
+    if resume:
+        follow_run(args, resume)
     split, train, val = load_data(args, rank, world, resume)
-    older = settings_before(resume["config"]) if resume else {}
-    args.zoom_window, why_zoom = older.get("zoom_window") or decide_zoom(args.zoom, train.images)
+    kept = settings_of_run(resume["config"]) if resume else {}
+    args.zoom_window, why_zoom = kept.get("zoom_window") or decide_zoom(args.zoom, train.images)
     if args.zoom_window:
         train, val = train_and_val(args, split, args.zoom_window)
-    args.rotate_used, why = decide_rotation(args.rotate, train.images)
-    args.moved_share, why_moved = older.get("moved_share") or decide_moved(args.moved, args.model, train.images)
-    args.removed = older.get("removed", (args.removed,))[0]
-    args.min_epochs = older.get("min_epochs", (args.min_epochs,))[0]
+    args.rotate_used, why = kept.get("rotate_used") or decide_rotation(args.rotate, train.images)
+    args.moved_share, why_moved = kept.get("moved_share") or decide_moved(args.moved, args.model, train.images)
+    args.removed = kept.get("removed", (args.removed,))[0]
+    args.min_epochs = kept.get("min_epochs", (args.min_epochs,))[0]
     model = make_model(args, device)
     perceptual = load_perceptual(model, args, device, rank)
     if args.overwrite and rank == 0:
@@ -907,7 +932,8 @@ def main(argv=None):
     sampler = DistributedSampler(range(len(train)), world, rank, shuffle=True, seed=args.seed)
     per_rank = max(1, args.batch_size // world)
     steps_per_pass = math.ceil(len(sampler) / per_rank)
-    stages = plan_stages(model, args, steps_per_pass)
+    stages = plan_stages(model, args, steps_per_pass, resume and resume["config"].get("stage_passes"))
+    config["stage_passes"] = [stage.passes for stage in stages]
     if rank == 0:
         print(schedule_line(stages[0], args, len(train), steps_per_pass))
     for stage in stages:
@@ -954,4 +980,6 @@ if __name__ == "__main__":
     except (data.DatasetError, losses.LPIPSUnavailable, FloatingPointError, ValueError, checks.RunError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: the last finished epoch is in checkpoint.pt; continue with --resume")
+        if (Path(parse_args().out) / "checkpoint.pt").is_file():
+            sys.exit("interrupted: the last finished epoch is in checkpoint.pt; continue with --resume")
+        sys.exit("interrupted before the first epoch was saved: nothing to resume; run it again")

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -549,19 +550,36 @@ def test_the_window_turns_only_for_long_parts_whose_axes_point_every_way():
     assert not zoom["turn"] and "not long" in why
 
 
-def test_a_run_trained_before_a_setting_existed_resumes_as_it_was_trained():
-    """A config without the zoom window, moved or removed blobs or the epoch floor resumes with
-    whole images, none of those blobs and no floor; a window recorded before windows turned keeps
-    its side and does not turn; a run of this version keeps every decision of its own."""
-    older = train.settings_before({"size": 128})
-    assert {k: v[0] for k, v in older.items()} == {"zoom_window": None, "moved_share": 0.0, "removed": 0.0,
-                                                   "min_epochs": 0}
-    older = train.settings_before({"zoom_window": {"side": 0.56}, "moved_share": 0.0, "removed": 0.5,
-                                   "min_epochs": 100})
-    assert older == {"zoom_window": ({"side": 0.56, "turn": False}, older["zoom_window"][1])}
-    assert train.settings_before({"zoom_window": {"side": 0.56, "turn": True}, "moved_share": 0.0,
-                                  "removed": 0.5, "min_epochs": 100}) == {}
-    assert train.settings_before({"zoom_window": None, "moved_share": 0.0, "removed": 0.5, "min_epochs": 100}) == {}
+def test_a_resumed_run_keeps_its_decisions_and_one_trained_before_a_setting_existed_keeps_how_it_was_trained():
+    """A run of this version keeps its own zoom window, rotation and moved blobs (not decided again
+    from the images); a config without the zoom window, moved or removed blobs or the epoch floor
+    resumes with whole images, none of those blobs and no floor; a window recorded before windows
+    turned keeps its side and does not turn."""
+    def values(config):
+        return {k: v[0] for k, v in train.settings_of_run(config).items()}
+    assert values({"size": 128}) == {"zoom_window": None, "moved_share": 0.0, "removed": 0.0, "min_epochs": 0}
+    now = {"zoom_window": {"side": 0.56, "turn": True}, "rotate_used": True, "moved_share": 0.0, "removed": 0.5,
+           "min_epochs": 100}
+    assert values(now) == {"zoom_window": {"side": 0.56, "turn": True}, "rotate_used": True, "moved_share": 0.0}
+    assert values({**now, "zoom_window": {"side": 0.56}})["zoom_window"] == {"side": 0.56, "turn": False}
+    assert values({**now, "zoom_window": None})["zoom_window"] is None
+
+
+def test_a_resumed_run_keeps_its_schedule_unless_told_otherwise(rgb_root, tmp_path):
+    """A plain --resume goes on as the run was planned: a run of --epochs 1 resumed without it is
+    finished (it does not fall back to the recipe's hundreds of epochs), and its learning rate and
+    objective weights stay the run's; an --epochs given on resume counts epochs of the run's length."""
+    run_train(rgb_root, "synthetic", tmp_path, "--model", "beta_vae", "--epochs", "1", "--lr", "3e-4",
+              "--ssim-weight", "0.5")
+    r = run_train(rgb_root, "synthetic", tmp_path, "--model", "beta_vae", "--resume")
+    assert "epoch 2/" not in r.stdout and "note: --resume" not in r.stdout
+    r = run_train(rgb_root, "synthetic", tmp_path, "--model", "beta_vae", "--resume", "--epochs", "2")
+    assert "epoch 2/2" in r.stdout and "note: --resume: --epochs 2 (the run had 1)" in r.stdout
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["lr"] == 3e-4 and ckpt["model_args"]["ssim_weight"] == 0.5 and ckpt["epoch"] == 1
+    run = SimpleNamespace(epochs=3, lr=1e-3, steps=2400, min_epochs=0)
+    stage, = train.plan_stages(models.build_model("beta_vae", image_size=32), run, 3, run_passes=[6])
+    assert stage.passes == 6 and stage.total_steps == 3 * 6 * 3
 
 
 def test_zoom_is_printed_recorded_and_kept_by_a_resume(small_parts_root, tmp_path):
