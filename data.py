@@ -120,6 +120,9 @@ def train_val_files(cat, val_fraction, seed):
     files = image_files(good) if good.is_dir() else []
     if not files:
         raise DatasetError(f"no images in '{good}'; {LAYOUT_HELP}")
+    if len(files) < 2:
+        raise DatasetError(f"'{good}' holds one image; at least two are needed: one to train on and one "
+                           "held out to set the detection threshold")
     n_val = int(round(len(files) * val_fraction))
     if val_fraction > 0 and len(files) >= 2:
         n_val = min(max(n_val, 1), len(files) - 1)
@@ -135,7 +138,11 @@ class SplitChanged(DatasetError):
 
 def file_record(path):
     """What identifies one image file: its name, size in bytes and SHA-256."""
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    try:
+        size = path.stat().st_size
+    except OSError as e:  # a link to nowhere
+        raise DatasetError(f"cannot read '{path}' ({e.strerror or e}): a broken link?") from None
+    return {"name": path.name, "bytes": size, "sha256": sha256_of(path)}
 
 
 def split_record(root, category, val_fraction, seed):
@@ -202,9 +209,12 @@ def test_files(cat):
 
 def sha256_of(path):
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:  # no read permission, a broken link, a disk error: one line, not a traceback
+        raise DatasetError(f"cannot read '{path}' ({e.strerror or e})") from None
     return digest.hexdigest()
 
 
@@ -547,7 +557,7 @@ def read_zoomed(path, size, zoom=None):
                 window, table = part_box(im, zoom, size)
                 im = cut_window(im, window, table)
             im = im.resize((size, size), Image.BILINEAR)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read image '{path}': {e}") from None
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), window
 
@@ -574,7 +584,7 @@ def read_mask(path, size, image_path=None, window=None):
             binary = Image.fromarray(mask_array(im).astype(np.uint8))
             binary = binary if window is None else cut_window(binary, window, resample=Image.NEAREST)
             binary = binary.resize((size, size), Image.NEAREST)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read mask '{path}': {e}") from None
     return torch.from_numpy(np.asarray(binary).astype(np.uint8))[None]
 
@@ -593,6 +603,7 @@ def load_split(root, category, split, size, val_fraction=0.1, seed=0, files=None
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}")
     cat = category_dir(root, category)
+    why_empty = " (as recorded)" if files is not None else f" (--val-fraction {val_fraction})"
     if split == "test":
         entries = test_files(cat)
     else:
@@ -601,7 +612,7 @@ def load_split(root, category, split, size, val_fraction=0.1, seed=0, files=None
             files = train if split == "train" else val
         entries = [(p, "good", None) for p in files]
     if not entries:
-        raise DatasetError(f"split '{split}' of '{cat}' is empty (val_fraction={val_fraction})")
+        raise DatasetError(f"split '{split}' of '{cat}' is empty{why_empty}")
     images, windows = zip(*decode_all(lambda e: read_zoomed(e[0], size, zoom), entries, f"decode {category}/{split}"))
     masks = decode_all(lambda i: read_mask(entries[i][2], size, entries[i][0], windows[i]), range(len(entries)),
                        f"masks {category}/{split}")

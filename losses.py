@@ -47,7 +47,12 @@ class Perceptual:
 
 def load_backbone(lpips_net, path):
     """Copy torchvision AlexNet `features` weights from a local file into lpips' sliced copy."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, a pickle of other objects: all mean "not usable"
+        raise LPIPSUnavailable(f"cannot read '{path}' as AlexNet weights ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise LPIPSUnavailable(f"'{path}' is not an AlexNet state_dict (it holds a {type(state).__name__})")
     features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
     for slice_module in (lpips_net.net.slice1, lpips_net.net.slice2, lpips_net.net.slice3,
                          lpips_net.net.slice4, lpips_net.net.slice5):

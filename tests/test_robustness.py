@@ -30,6 +30,7 @@ import checks
 import data
 import detect
 import evaluate
+import losses
 
 CATEGORY = "synthetic"
 
@@ -294,6 +295,37 @@ def test_a_16_bit_category_loads_as_its_8_bit_original(run, tmp_path):
     wide = data.load_split(root, CATEGORY, "train", 32, val_fraction=0.0).images.float()
     grey = (0.299 * grey[:, 0] + 0.587 * grey[:, 1] + 0.114 * grey[:, 2])  # PIL's RGB -> L
     assert (wide[:, 0] - grey).abs().max() <= 1.0 and wide.mean() < 200
+
+
+def test_a_broken_link_in_train_good_is_one_line(run, tmp_path):
+    root = copy_root(run, tmp_path)
+    (root / CATEGORY / "train" / "good" / "zzz.png").symlink_to(tmp_path / "nowhere.png")
+    line = error_line(run_script("train.py", *train_args(root, tmp_path / "out")))
+    assert "zzz.png" in line and "cannot read" in line
+
+
+def test_one_training_image_is_one_line_asking_for_two(run, tmp_path):
+    root = copy_root(run, tmp_path)
+    for path in sorted((root / CATEGORY / "train" / "good").glob("*.png"))[1:]:
+        path.unlink()
+    assert "holds one image; at least two are needed" in error_line(
+        run_script("train.py", *train_args(root, tmp_path / "out")))
+
+
+def test_an_image_past_pillows_size_limit_is_a_dataset_error(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # twice this is a decompression bomb to Pillow
+    with pytest.raises(data.DatasetError, match="cannot read image"):
+        data.read_image(tmp_path / "big.png", 8)
+
+
+def test_an_lpips_backbone_file_that_is_not_alexnet_weights_is_one_line(tmp_path):
+    lpips_net = SimpleNamespace()
+    for name, content in (("text.pth", b"not a checkpoint"), ("list.pth", None)):
+        path = tmp_path / name
+        path.write_bytes(content) if content else torch.save([1, 2, 3], path)
+        with pytest.raises(losses.LPIPSUnavailable, match=name):
+            losses.load_backbone(lpips_net, path)
 
 
 MASK = np.zeros((8, 8), bool)
@@ -604,8 +636,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(run, tmp_path, mo
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, "save", full_disk)
     line = error_line(run_script("train.py", *train_args(run.root, folder, "--resume", "--epochs", "2")))
-    assert line == (f"error: could not write '{folder / 'checkpoint.pt'}' (No space left on device); the "
-                    "previous 'checkpoint.pt' is kept intact: free disk space, then run again (train.py "
+    # best.pt is written first (the DAE keeps its latest epoch there), so it meets the full disk
+    assert line == (f"error: could not write '{folder / 'best.pt'}' (No space left on device); the "
+                    "previous 'best.pt' is kept intact: free disk space, then run again (train.py "
                     "continues from the last saved epoch with --resume)")
     after = digests(folder)
     assert after["checkpoint.pt"] == before["checkpoint.pt"] and after["best.pt"] == before["best.pt"]
