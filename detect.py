@@ -31,8 +31,9 @@ scored turned and moved as the run's training images were (val_copies). With n e
 images a new good one scores above the k-th largest with chance k / (n + 1): the threshold is
 the largest (k = 1) below 99 val images, else the k-th largest with k / (n + 1) <=
 THRESHOLD_SHARE (2 %), so one unusual good image among many does not set it. Predicted
-masks are the pixels above that same threshold, so an image is flagged exactly when its mask is
-non-empty. Maps are never normalised by each image's own min and max: that stretches the noise
+masks are the pixels above that same threshold in a flagged image, so an image is flagged
+exactly when its mask is non-empty (with --score topk a passed image may hold a few such pixels:
+its mask stays empty). Maps are never normalised by each image's own min and max: that stretches the noise
 of a good image to full scale, so every good image would look defective.
 
 Calibration (baseline map, val map statistics, threshold) is computed once per checkpoint and
@@ -40,8 +41,8 @@ setting, stored in <checkpoint folder>/calibration/ and reused while every setti
 matches.
 
 Writes results/<class>/: metrics.json, scores.csv, roc.png, failures.png, one
-<class>_<defect>_<idx>_viz.png per test image, and maps.npz with --save-maps. A defect type
-without ground_truth/ masks gets image metrics only (pixel metrics null). --images writes
+<class>_<defect>_<idx>_viz.png per test image, and maps.npz with --save-maps. Where a defect
+type has no ground_truth/ masks, the class gets image metrics only (pixel metrics null). --images writes
 results/<class>/inspect/<date-time>/: scores.csv (path, score, verdict, threshold) and one
 <idx>_<name>_viz.png per image.
 """
@@ -154,7 +155,10 @@ def compute_maps(model, images, names, device, batch_size, mc_passes, perceptual
     (N, 3, H, W) as uint8, and the model's epistemic map when it is among the names or `extra`
     (the further maps the pictures need: picture_maps), else None. The model computes only
     those maps. MC dropout is reseeded for every batch, so a batch's maps depend on its images
-    alone: scoring the same files later (--images) gives the same numbers."""
+    alone, but its masks are drawn for the batch as a whole: a model with MC dropout (SAVAE) maps
+    an image a little differently (a fraction of a percent) in another batch or at another
+    --batch-size, so its calibration records the batch size. Other models map each image alike
+    in any batch."""
     out, recons, epistemic = {n: [] for n in names}, [], []
     asked = list(dict.fromkeys([n for n in names if n != "lpips"] + list(extra)))
     for start in range(0, len(images), batch_size):
@@ -537,6 +541,13 @@ def copy_scores(maps, shown, rule, topk):
     return image_scores(np.where(shown, maps, -np.inf), rule, topk)
 
 
+def lpips_weights(args):
+    """Which AlexNet weights the lpips map uses: a local file (named and hashed, so a calibration
+    made with other weights is not reused), else torchvision's download."""
+    path = args.lpips_backbone or os.environ.get(losses.LPIPS_BACKBONE_ENV)
+    return f"{path} (sha256 {data.sha256_of(path)[:16]})" if path else "torchvision download"
+
+
 def calibration_settings(args, run):
     """Everything a calibration depends on: a stored one is used only when all of it matches."""
     return {"checkpoint_sha256": run.ckpt_sha256,
@@ -545,9 +556,10 @@ def calibration_settings(args, run):
                 f"train: mean of all where they lie alike (>= {ALIKE_CORR:g}), else of the {BASELINE_NEIGHBOURS} nearest "
                 f"at 1/{BASELINE_SCALE} size, turned runs too", "sigma": args.sigma, "close": args.close, "score": args.score,
             "topk": args.topk, "mc_passes": args.mc_passes, "seed": args.seed,
-            "lpips_backbone": args.lpips_backbone, "val_turns": val_turns(run.cfg),
+            "lpips_backbone": lpips_weights(args) if "lpips" in run.names else None, "val_turns": val_turns(run.cfg),
             "val_moves": val_moves(run.cfg), "two_sided": [n for n in run.names if n in TWO_SIDED],
             "copies_scored": "where shown",
+            **({"batch_size": args.batch_size} if run.model.batch_dependent_maps else {}),
             "threshold": f"k-th highest val image, k/(n+1) <= {THRESHOLD_SHARE:g}",
             # turned copies were bilinear before: their calibrations recompute, the others stay
             **({"turned_by": TURN_INTERPOLATION} if val_turns(run.cfg) > 1 else {}),
@@ -848,13 +860,20 @@ def roc_picture(path, scores, labels, title):
     plt.close(fig)
 
 
+def predicted_mask(amap, score, threshold):
+    """The pixels marked defective: above the threshold, in a flagged image only (a topk score
+    can pass an image that holds a few such pixels)."""
+    return (amap > threshold) & (score > threshold)
+
+
 def write_pictures(out, files, captions, images, recons, maps, scores, threshold, vmax, epistemic,
                    masks=None):
-    """One picture per image, out / files[i]; the predicted mask is map > threshold."""
+    """One picture per image, out / files[i], its mask the predicted_mask."""
     unc_vmax = float(np.percentile(epistemic, 99.9)) if epistemic is not None else None
     picture = Picture(images.shape[-1], vmax, threshold, masks is not None, unc_vmax)
     for i in tqdm(range(len(files)), desc="pictures", leave=False):
-        picture.save(out / files[i], to_hwc(images[i]), to_hwc(recons[i]), maps[i], maps[i] > threshold,
+        picture.save(out / files[i], to_hwc(images[i]), to_hwc(recons[i]), maps[i],
+                     predicted_mask(maps[i], scores[i], threshold),
                      f"{captions[i]}  score {scores[i]:.4g}  threshold {threshold:.4g}  "
                      f"{'DEFECT' if scores[i] > threshold else 'good'}",
                      None if masks is None else masks[i], None if epistemic is None else epistemic[i])
@@ -981,12 +1000,24 @@ def load_run(args):
     if data.sha256_of(ckpt_path) != sha256:
         raise DetectError(f"checkpoint '{ckpt_path}' changed while it was read (is train.py still writing it?); "
                           "run again once training has finished")
+    if "config" not in ckpt:
+        raise DetectError(f"checkpoint '{ckpt_path}' holds no record of its training run (config): "
+                          "detect.py needs a checkpoint written by train.py")
     cfg = ckpt["config"]
     checks.check_topk(args.score, args.topk, cfg["size"])
     root = args.data_root or cfg["data_root"]
     data.ensure_category(root, args.category, args.download)
+    split = checks.split_of(ckpt, ckpt_path, root, args.category)
+    if cfg.get("category", args.category) != args.category:  # a copied or renamed class may still hold its files
+        try:
+            data.split_files(root, args.category, split, "val")
+        except data.SplitChanged:
+            raise DetectError(f"checkpoint '{ckpt_path}' was trained on '{cfg['category']}', not "
+                              f"'{args.category}': pass --class {cfg['category']}, or a checkpoint of "
+                              f"{args.category}") from None
     map_settings(args, model, turned=cfg.get("rotate_used", False))
-    names = args.map.split("+")
+    names = list(dict.fromkeys(args.map.split("+")))  # each map once: ssim+ssim is ssim
+    args.map = "+".join(names)
     allowed = {"lpips"} | model_map_names(model, device)
     if not set(names) <= allowed:
         raise DetectError(f"unknown map '{args.map}' for {ckpt['model_name']} "
@@ -996,7 +1027,6 @@ def load_run(args):
     def maps_of(images, pictures=False):
         return compute_maps(model, images, names, device, args.batch_size, args.mc_passes, perceptual, args.seed,
                             extra=picture_maps(allowed) if pictures else ())
-    split = checks.split_of(ckpt, ckpt_path, root, args.category)
     return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, ckpt_sha256=sha256, cfg=cfg, root=root,
                            names=names, maps_of=maps_of, n_val=len(split["val"]), name=ckpt["model_name"],
                            zoom=cfg.get("zoom_window"))
@@ -1032,7 +1062,7 @@ def evaluate_test(run, args, out):
         "threshold_rule": "--threshold" if args.threshold is not None else threshold_rule(n_val),
         "threshold_set_by": None if args.threshold is not None else
             calibration["val_files"][threshold_image(calibration)],
-        "expected_good_flagged (k/(val+1))": threshold_rank(n_val) / (n_val + 1),
+        "expected_good_flagged (k/(val+1))": None if args.threshold is not None else threshold_rank(n_val) / (n_val + 1),
         **detection_metrics(scores, labels, maps, masks, threshold),
     }
     if test.unmasked:

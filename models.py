@@ -269,6 +269,9 @@ class AutoEncoder(nn.Module):
                      against its nearest training images)
         maps_revision  raised when the model's maps change for the same weights, so that
                      detect.py recomputes the calibrations stored with the earlier maps
+        batch_dependent_maps  its maps draw MC-dropout masks for a whole batch, so an image's
+                     maps change a little with the batch it is in (detect.py ties its
+                     calibration to --batch-size)
     and records its constructor arguments in `config`, from which checkpoints rebuild it.
     """
 
@@ -286,6 +289,7 @@ class AutoEncoder(nn.Module):
     # solar cells savae 0.820 -> 0.834, vqvae 0.606 -> 0.782; bottle within 0.003 (RESULTS.md)
     default_template = True
     maps_revision = 0
+    batch_dependent_maps = False
 
     def __init__(self, ssim_weight=1.0, ssim_warmup=0.1, lpips_weight=0.0):
         super().__init__()
@@ -653,6 +657,7 @@ class SAVAE(LatentVectorAE):
     stages = ("autoencoder", "prior")
     recipe = dict(AutoEncoder.recipe, steps=2400, prior_steps=360, prior_lr=1e-2)
     default_map = "ssim+variance_weighted"  # structure, plus the likelihood's own error term
+    batch_dependent_maps = True  # variance_weighted and epistemic average MC-dropout passes
     head_multiple = 2
     out_multiple = 2
     logvar_min, logvar_max = -9.0, 0.0

@@ -231,6 +231,35 @@ def test_a_checkpoint_replaced_while_it_is_read_is_refused(trained_dae, tmp_path
         detect.load_run(detect.parse_args(["--class", "synthetic", "--outputs", str(outputs)]))
 
 
+def test_a_checkpoint_without_its_training_record_or_of_another_class_is_one_line(trained_dae, tmp_path):
+    """A bare checkpoint (model name, arguments and weights only) has no split or settings to
+    score with; a checkpoint of one class run with --class of another would otherwise report its
+    val images as changed."""
+    best = torch.load(trained_dae / "synthetic" / "dae" / "best.pt", weights_only=True)
+    bare = tmp_path / "bare.pt"
+    torch.save({k: best[k] for k in ("model_name", "model_args", "model_state")}, bare)
+    data.make_synthetic_category(tmp_path, "other", size=32, seed=5)
+    for argv, message in ([["--class", "synthetic", "--checkpoint", str(bare)], "holds no record of its training"],
+                          [["--class", "other", "--checkpoint", str(trained_dae / "synthetic" / "dae" / "best.pt"),
+                            "--data-root", str(tmp_path)], "was trained on 'synthetic', not 'other'"]):
+        r = subprocess.run([sys.executable, "detect.py", *argv], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and message in r.stderr, r.stderr
+
+
+def test_a_map_named_twice_is_one_map(trained_dae):
+    args = detect.parse_args(["--class", "synthetic", "--outputs", str(trained_dae), "--map", "ssim+l2+ssim"])
+    assert detect.load_run(args).names == ["ssim", "l2"] and args.map == "ssim+l2"
+
+
+def test_a_passed_image_shows_no_predicted_mask_even_where_a_few_pixels_pass_the_threshold():
+    """With --score topk an image's score can stay under the threshold while its peak does not:
+    the picture must not mark a defect the verdict does not."""
+    amap = np.zeros((8, 8))
+    amap[2, 3] = 5.0
+    assert not detect.predicted_mask(amap, score=0.5, threshold=1.0).any()
+    assert detect.predicted_mask(amap, score=5.0, threshold=1.0).sum() == 1
+
+
 def test_detect_without_a_trained_model_says_how_to_train_one(tmp_path):
     r = subprocess.run([sys.executable, "detect.py", "--class", "bottle", "--outputs", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True)
@@ -391,25 +420,32 @@ def test_outside_the_part_the_map_is_held_at_its_floor_and_the_part_keeps_its_ma
     assert (held[0][~part[0]] == 0).all() and (held[1][~part[1]] == 16).all()
 
 
+def settings_of(model_class, *argv):
+    """The calibration settings of a run of that model class, detect.py given argv."""
+    run = SimpleNamespace(ckpt_path=__file__, ckpt_sha256="0" * 64, root=".", cfg={}, names=["ssim"],
+                          model=model_class)
+    return detect.calibration_settings(detect.parse_args(["--class", "x", *argv]), run)
+
+
 def test_the_background_rule_is_part_of_a_calibrations_settings():
     """Changing it (or turning it off) must recompute a stored calibration, not reuse one made
     with the other rule."""
-    run = SimpleNamespace(ckpt_path=__file__, ckpt_sha256="0" * 64, root=".", cfg={}, names=["ssim"],
-                          model=SimpleNamespace(default_template=False, maps_revision=0))
-    auto = detect.calibration_settings(detect.parse_args(["--class", "x"]), run)
-    off = detect.calibration_settings(detect.parse_args(["--class", "x", "--background", "off"]), run)
+    auto, off = settings_of(models.ARSAVAE), settings_of(models.ARSAVAE, "--background", "off")
     assert auto["background"].startswith("each image's smooth table within") and off["background"] == "off"
 
 
 def test_a_models_maps_revision_is_part_of_a_calibrations_settings_once_raised():
     """Maps that change for the same weights (the VQ-VAE's) recompute a stored calibration; the
     models whose maps never changed keep theirs."""
-    def settings_of(model_class):
-        run = SimpleNamespace(ckpt_path=__file__, ckpt_sha256="0" * 64, root=".", cfg={}, names=["ssim"],
-                              model=model_class)
-        return detect.calibration_settings(detect.parse_args(["--class", "x"]), run)
     assert settings_of(models.VQVAE)["maps_revision"] == models.VQVAE.maps_revision > 0
     assert "maps_revision" not in settings_of(models.DAE)
+
+
+def test_a_calibration_of_maps_that_depend_on_the_batch_records_the_batch_size():
+    """MC-dropout masks are drawn per batch: the SAVAE's maps of an image change a little with
+    --batch-size, so a calibration made at another batch size is recomputed; the DAE's are not."""
+    assert settings_of(models.SAVAE, "--batch-size", "4")["batch_size"] == 4
+    assert "batch_size" not in settings_of(models.DAE, "--batch-size", "4")
 
 
 def grey_uint8(levels):
