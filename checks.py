@@ -7,6 +7,7 @@ after parsing is a RunError, which each script prints as one line.
 """
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -169,23 +170,26 @@ def clear_run(out):
 
 
 def write_atomic(path, write, binary=False):
-    """write(file) into <path>.tmp, then rename over path: the old file survives any failure.
-    A full disk or a vanished folder becomes one line that says what was kept."""
+    """write(file) into a temporary file of this process beside path, on disk (fsync), then
+    rename it over path: the old file survives any failure, a power cut included. A full disk or
+    a vanished folder becomes one line that says what was kept."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         # a Python file object: torch.save to a path reports a full disk as a RuntimeError
         with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
         kept = (f"the previous '{path.name}' is kept intact" if path.exists()
                 else f"no '{path.name}' was written")
-        raise RunError(f"could not write '{path}' ({e.strerror or first_line(e)}); {kept}: free disk "
-                       "space, then run again (train.py continues from the last saved epoch with "
-                       "--resume)") from None
+        remedy = "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check that its folder can be written"
+        raise RunError(f"could not write '{path}' ({e.strerror or first_line(e)}); {kept}: {remedy}, then run "
+                       "again (train.py continues from the last saved epoch with --resume)") from None
     except BaseException:  # Ctrl-C mid-write: leave no partial file behind either
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -1022,6 +1022,8 @@ def load_run(args):
     if not set(names) <= allowed:
         raise DetectError(f"unknown map '{args.map}' for {ckpt['model_name']} "
                           f"(choose from {', '.join(sorted(allowed))})")
+    if "lpips" in names:
+        losses.require_size(cfg["size"])
     perceptual = losses.load_lpips(args.lpips_backbone, spatial=True).to(device) if "lpips" in names else None
 
     def maps_of(images, pictures=False):

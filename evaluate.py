@@ -10,7 +10,9 @@ images at the model's resolution (written once to <runs>/eval/<category>/referen
 FID, Inception Score (mean and std over 10 splits) and KID (mean and std over 100 subsets of
 min(1000, N, reference) images), all by torch_fidelity.calculate_metrics.
 Reconstruction: MSE, SSIM and LPIPS between the held-out normal images (val split and test/good)
-and their reconstructions, means over images.
+and their reconstructions, means over images. SSIM is the mean of models.ssim_map over every
+pixel, the 5 px next to the border included (filled by reflection there), so it reads higher
+than implementations that leave the border out (LPIPS: from 31 px).
 
 Writes <runs>/gen_eval_summary.csv, one row per (category, model), replaced in place when a
 model is evaluated again, and prints the rows of the evaluated categories as a table.
@@ -92,6 +94,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.num_samples < 10:
         p.error("--num-samples must be at least 10 (the Inception Score uses 10 splits)")
+    if args.num_samples < 1000 and not args.no_generation:
+        print(f"note: --num-samples {args.num_samples}: the Inception Score averages 10 splits of "
+              f"{args.num_samples // 10} samples (at 1 sample a split it is exactly 1), and FID is "
+              "biased upward with few samples; 1000 or more for figures to compare")
     if args.batch_size < 1:
         p.error("--batch-size must be positive")
     return args
@@ -282,6 +288,10 @@ def evaluate_model(category, name, path, args, device, inception, perceptual):
     reference = f"reference_{size}" + (f"_zoom{zoom['side']:g}{'_turned' if zoom.get('turn') else ''}" if zoom else "")
     row = {"category": category, "model": name, "resolution": size, "checkpoint": str(path)}
     eval_dir = Path(args.runs) / "eval" / category
+    # the held-out images first: a val file gone since training stops before minutes of sampling
+    split = checks.split_of(ckpt, path, root, category)
+    images = held_out_normal(root, category, size, tuple(data.split_files(root, category, split, "val")),
+                             zoom and tuple(sorted(zoom.items())))
     prior_trained = ckpt.get("stage_index", 0) == len(model.stages) - 1
     if inception and not prior_trained:
         print(f"note: {name}: checkpoint '{path}' stops before its '{model.stages[-1]}' stage, so its "
@@ -295,9 +305,9 @@ def evaluate_model(category, name, path, args, device, inception, perceptual):
         row.update(num_samples=args.num_samples, reference_images=n_ref, seed=args.seed,
                    **fidelity_metrics(gen_dir, eval_dir / reference, args.num_samples, n_ref,
                                       *inception, device.type == "cuda", args.batch_size, args.seed))
-    split = checks.split_of(ckpt, path, root, category)
-    images = held_out_normal(root, category, size, tuple(data.split_files(root, category, split, "val")),
-                             zoom and tuple(sorted(zoom.items())))
+    if perceptual is not None and size < losses.LPIPS_MIN_SIZE:
+        print(f"note: {name}: no LPIPS at {size} px (it needs at least {losses.LPIPS_MIN_SIZE})")
+        perceptual = None
     row.update(reconstruction_metrics(model, images, args.batch_size, device, perceptual))
     return row
 

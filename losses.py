@@ -8,6 +8,8 @@ import os
 
 import torch
 
+import data
+
 LPIPS_BACKBONE_ENV = "LPIPS_BACKBONE"
 LPIPS_HELP = (
     "LPIPS needs torchvision's ImageNet AlexNet weights (alexnet-owt-7be5be79.pth), downloaded "
@@ -18,6 +20,21 @@ LPIPS_HELP = (
 
 class LPIPSUnavailable(RuntimeError):
     """LPIPS backbone weights could not be had; the message says how to provide them."""
+
+
+# torchvision names its weight files by the first hex digits of their SHA-256: any other file,
+# however AlexNet-shaped (a randomly initialised one, say), would put a number that is not LPIPS
+# under its name
+ALEXNET_SHA256_PREFIX = "7be5be79"
+# AlexNet's stride-4 convolution and two 3 x 3 poolings leave nothing of a smaller image
+LPIPS_MIN_SIZE = 31
+
+
+def require_size(size):
+    """LPIPSUnavailable unless images of size x size pixels are large enough for LPIPS."""
+    if size < LPIPS_MIN_SIZE:
+        raise LPIPSUnavailable(f"LPIPS needs images of at least {LPIPS_MIN_SIZE} px (AlexNet's poolings "
+                               f"leave nothing of smaller ones); these are {size} px")
 
 
 class Perceptual:
@@ -59,7 +76,11 @@ def load_backbone(lpips_net, path):
         for name, layer in slice_module.named_children():
             for p in ("weight", "bias"):
                 if hasattr(layer, p) and f"{name}.{p}" in features:
-                    getattr(layer, p).data.copy_(features[f"{name}.{p}"])
+                    target, value = getattr(layer, p).data, features[f"{name}.{p}"]
+                    if target.shape != value.shape:
+                        raise LPIPSUnavailable(f"'{path}' is not an AlexNet state_dict (features.{name}.{p} "
+                                               f"is {tuple(value.shape)}, AlexNet's {tuple(target.shape)})")
+                    target.copy_(value)
                 elif hasattr(layer, p):
                     raise LPIPSUnavailable(f"'{path}' is not an AlexNet state_dict (no features.{name}.{p})")
 
@@ -79,6 +100,11 @@ def load_lpips(backbone_path=None, random_backbone=False, spatial=False):
         if backbone_path:
             if not os.path.isfile(backbone_path):
                 raise LPIPSUnavailable(f"LPIPS backbone file '{backbone_path}' not found; {LPIPS_HELP}")
+            digest = data.sha256_of(backbone_path)
+            if not digest.startswith(ALEXNET_SHA256_PREFIX):
+                raise LPIPSUnavailable(f"'{backbone_path}' is not torchvision's AlexNet weights "
+                                       f"alexnet-owt-{ALEXNET_SHA256_PREFIX}.pth (its SHA-256 begins {digest[:8]}); "
+                                       f"{LPIPS_HELP}")
             load_backbone(net, backbone_path)
         random = not backbone_path
     else:

@@ -244,7 +244,10 @@ def pick_device(name, rank=0):
     """--device: auto is this process's GPU when there are any, else the CPU."""
     if name == "auto":
         name = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:  # torch.cuda.set_device needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def write_csv_atomic(rows, path):
@@ -821,6 +824,7 @@ def load_perceptual(model, args, device, rank):
     """The LPIPS network the model's objective weighs, or None when it weighs none."""
     if not model.lpips_weight:
         return None
+    losses.require_size(args.size)
     perceptual = losses.load_lpips(args.lpips_backbone, args.lpips_random_backbone).to(device)
     if perceptual.random_backbone and rank == 0:
         print("warning: the LPIPS term uses a RANDOMLY INITIALISED backbone; it is logged as "

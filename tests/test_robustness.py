@@ -31,6 +31,7 @@ import data
 import detect
 import evaluate
 import losses
+import train
 
 CATEGORY = "synthetic"
 
@@ -320,12 +321,41 @@ def test_an_image_past_pillows_size_limit_is_a_dataset_error(tmp_path, monkeypat
 
 
 def test_an_lpips_backbone_file_that_is_not_alexnet_weights_is_one_line(tmp_path):
-    lpips_net = SimpleNamespace()
-    for name, content in (("text.pth", b"not a checkpoint"), ("list.pth", None)):
+    """Not a checkpoint, not a state_dict, weights of other shapes: each a one-line LPIPSUnavailable.
+    And an AlexNet-shaped file that is not torchvision's (a random one) is refused before use, so
+    its numbers never land under the name lpips."""
+    perceptual = losses.load_lpips(random_backbone=True)
+    for name, content in (("text.pth", b"not a checkpoint"), ("list.pth", [1, 2, 3]),
+                          ("vgg.pth", {"features.0.weight": torch.zeros(64, 3, 3, 3)})):
         path = tmp_path / name
-        path.write_bytes(content) if content else torch.save([1, 2, 3], path)
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
         with pytest.raises(losses.LPIPSUnavailable, match=name):
-            losses.load_backbone(lpips_net, path)
+            losses.load_backbone(perceptual.net, path)
+    random_alexnet = {f"features.{k}": v for k, v in perceptual.net.net.slice1.state_dict().items()}
+    torch.save(random_alexnet, tmp_path / "alexnet.pth")
+    with pytest.raises(losses.LPIPSUnavailable, match="is not torchvision's AlexNet weights"):
+        losses.load_lpips(tmp_path / "alexnet.pth")
+
+
+def test_lpips_below_its_smallest_size_is_refused_in_one_line():
+    losses.require_size(losses.LPIPS_MIN_SIZE)
+    with pytest.raises(losses.LPIPSUnavailable, match="at least 31 px"):
+        losses.require_size(16)
+
+
+def test_a_write_that_fails_for_another_reason_than_a_full_disk_does_not_advise_freeing_space(tmp_path):
+    def refused(f):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    with pytest.raises(checks.RunError, match="check that its folder can be written") as e:
+        checks.write_atomic(tmp_path / "x.csv", refused)
+    assert "free disk space" not in str(e.value) and not list(tmp_path.iterdir())
+
+
+def test_device_cuda_gets_the_current_gpus_index(monkeypatch):
+    """torch.cuda.set_device (evaluate.py, for torch-fidelity) refuses a cuda device without an index."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert train.pick_device("cuda") == torch.device("cuda", 0)
+    assert train.pick_device("cuda:1") == torch.device("cuda", 1) and train.pick_device("cpu").type == "cpu"
 
 
 MASK = np.zeros((8, 8), bool)
