@@ -17,7 +17,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -644,16 +646,19 @@ def test_an_out_that_is_a_file_is_refused_before_any_data_is_read(tmp_path):
     assert line.startswith(f"error: --out '{out / 'run'}' cannot be written (Not a directory)")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_results_folder_is_refused(run, tmp_path):
+def test_a_read_only_results_folder_is_refused(run, tmp_path, monkeypatch):
+    """The folder refuses a file as a read-only one does (as root a chmod would not refuse it)."""
     results = tmp_path / "results"
     (results / CATEGORY).mkdir(parents=True)
-    (results / CATEGORY).chmod(0o500)
-    try:
-        line = error_line(run_script("detect.py", *detect_args(run, results)))
-        assert "cannot be written (Permission denied)" in line
-    finally:
-        (results / CATEGORY).chmod(0o700)
+    make_file = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if Path(dir) == results / CATEGORY:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return make_file(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    line = error_line(run_script("detect.py", *detect_args(run, results)))
+    assert "cannot be written (Permission denied)" in line
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(run, tmp_path, monkeypatch):
