@@ -8,11 +8,12 @@
 Maps (per pixel, higher = more anomalous), each model's own (model.anomaly_maps): l2 (squared
 error), ssim (1 - SSIM, 11 x 11 window), msgms (1 - multi-scale gradient-magnitude similarity),
 feature (1 - cosine similarity of the model's own encoder features of input and reconstruction),
-and its extras (DAE: segment, its segmenter's probability that a pixel is a defect;
+chroma (the colour distance of input and reconstruction, zero on grey images), and its extras (DAE: segment, its segmenter's probability that a pixel is a defect;
 SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll, the prior's -log p of each
 code); and lpips (spatial LPIPS, real weights only), computed here. Without --map, the model's default_map,
 or its turned_map for a run that turned its few training images (README, Detection, lists them
-and their measured effect).
+and their measured effect). Every model but the AR-SAVAE also joins the template map (the
+image's grey level against its nearest training images; --template off leaves it out).
 Each map first loses its baseline: the per-pixel mean of that map over the
 training images, the error every good image has at that place (--baseline none keeps it); where
 the training images do not lie alike, the mean over each image's nearest training images
@@ -915,7 +916,7 @@ def parse_args(argv=None):
                         "them), no labels needed; writes <results>/<class>/inspect/<time>/")
     p.add_argument("--fail-on-defect", action="store_true",
                    help="with --images: exit with code 3 when any image is flagged (for scripts)")
-    p.add_argument("--map", help="l2, ssim, msgms, feature, lpips, the model's own (DAE: segment; "
+    p.add_argument("--map", help="l2, ssim, msgms, feature, chroma, lpips, the model's own (DAE: segment; "
                    "SAVAE/AR-SAVAE: variance_weighted, epistemic; VQ-VAE: code_nll), or several joined by '+' "
                    "(default: the model's default_map, or its turned_map for a run that turned its few "
                    "training images; printed when the run starts)")

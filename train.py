@@ -13,7 +13,8 @@ Writes to <runs>/<category>/<model>/ (--runs, default outputs; --out names the f
     checkpoint.pt   latest state (model args + weights + optimizer + stage/epoch/step + config +
                     the train/val files: name, bytes, SHA-256), written atomically every epoch;
                     --resume continues from it, --overwrite replaces it, nothing else touches it
-    best.pt         the epoch with the lowest validation loss of the last stage
+    best.pt         the epoch with the lowest validation loss of the last stage, or its latest
+                    epoch for a stage the model lists in last_epoch_stages (the DAE's)
     metrics.csv     one row per epoch: every loss term, validation loss and reconstruction MSE,
                     seconds since the previous row (checkpoint writing included)
     recon.png       validation images (top row) and their reconstructions (bottom row)
