@@ -196,6 +196,15 @@ def parse_args(argv=None):
     return args
 
 
+def unused_stage_options(args):
+    """The --<stage>-epochs / --<stage>-lr given for a stage this model does not have (--prior-epochs
+    to the DAE): said, not refused, so one command line can serve every model."""
+    own = MODELS[args.model].stages
+    later = dict.fromkeys(stage for cls in MODELS.values() for stage in cls.stages[1:] if stage not in own)
+    return [f"--{stage}-{what}" for stage in later for what in ("epochs", "lr")
+            if getattr(args, f"{stage}_{what}", None) is not None]
+
+
 def native_bf16(device):
     """Whether the device has bfloat16 arithmetic units, so that bf16 autocast pays: about 1.3x
     per DAE epoch on an AVX-512 BF16 CPU, with the same detection figures (RESULTS.md). Without
@@ -821,6 +830,21 @@ def train_and_val(args, split, zoom=None):
             for which in ("train", "val")]
 
 
+# Cameras that record 10 or 12 bits often store them in 16-bit files, which are read as 0..65535
+# (data.to_rgb): 12 bits then come out as 0..16 of 255, nearly black and in 17 grey levels.
+DIM_LEVEL = 16
+
+
+def dim_warning(images):
+    """A warning line when even the brightest pixel of the training images (uint8) is at most
+    DIM_LEVEL, else None."""
+    brightest = int(images.max())
+    if brightest > DIM_LEVEL:
+        return None
+    return (f"warning: the training images are nearly black (their brightest pixel is {brightest} of 255): "
+            "10- or 12-bit data in 16-bit files are read as 0..65535; scale them to their range first")
+
+
 def load_perceptual(model, args, device, rank):
     """The LPIPS network the model's objective weighs, or None when it weighs none."""
     if not model.lpips_weight:
@@ -924,6 +948,10 @@ def main(argv=None):
     rows = read_rows_until(metrics, resume["stage_index"], resume["epoch"]) if resume else []
     config = {**vars(args), "lpips_backbone_kind": None if perceptual is None else perceptual.name}
     if rank == 0:
+        if dim_warning(train.images):
+            print(dim_warning(train.images))
+        if unused_stage_options(args):
+            print(f"note: {', '.join(unused_stage_options(args))}: {args.model} has no such stage; ignored")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(train)} train / {len(val)} val "
               f"images at {args.size} px, device {device}{' with bf16 autocast' if args.bf16 else ''}, "

@@ -447,6 +447,19 @@ def test_an_epoch_of_several_passes_shows_every_image_once_per_pass():
     assert sum(again, []) == seen[:5]  # the first pass is the one-pass epoch of the same seed
 
 
+def test_training_images_that_are_nearly_black_get_a_warning_naming_the_likely_bit_depth():
+    twelve_bit = (torch.arange(4096) * 255 / 65535).round().to(torch.uint8)  # 0..4095 read as 16 bits
+    assert "10- or 12-bit data" in train.dim_warning(twelve_bit.view(1, 1, 64, 64).expand(2, 3, 64, 64))
+    assert train.dim_warning(torch.full((2, 3, 8, 8), 17, dtype=torch.uint8)) is None
+
+
+def test_a_stage_option_for_a_stage_the_model_lacks_is_named_as_ignored():
+    def unused(*argv):
+        return train.unused_stage_options(train.parse_args(["--category", "bottle", *argv]))
+    assert unused("--model", "dae", "--prior-epochs", "1", "--prior-lr", "0.1") == ["--prior-epochs", "--prior-lr"]
+    assert unused("--model", "savae", "--prior-epochs", "1") == [] and unused("--model", "dae") == []
+
+
 def test_which_stages_get_synthetic_anomalies_and_which_keep_their_last_epoch():
     def flags(name):
         args = train.parse_args(["--model", name, "--category", "bottle"])
