@@ -124,7 +124,7 @@ def train_val_files(cat, val_fraction, seed):
         raise DatasetError(f"'{good}' holds one image; at least two are needed: one to train on and one "
                            "held out to set the detection threshold")
     n_val = int(round(len(files) * val_fraction))
-    if val_fraction > 0 and len(files) >= 2:
+    if val_fraction > 0:
         n_val = min(max(n_val, 1), len(files) - 1)
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
     val = sorted(files[i] for i in order[:n_val])

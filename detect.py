@@ -542,13 +542,6 @@ def copy_scores(maps, shown, rule, topk):
     return image_scores(np.where(shown, maps, -np.inf), rule, topk)
 
 
-def lpips_weights(args):
-    """Which AlexNet weights the lpips map uses: a local file (named and hashed, so a calibration
-    made with other weights is not reused), else torchvision's download."""
-    path = args.lpips_backbone or os.environ.get(losses.LPIPS_BACKBONE_ENV)
-    return f"{path} (sha256 {data.sha256_of(path)[:16]})" if path else "torchvision download"
-
-
 def calibration_settings(args, run):
     """Everything a calibration depends on: a stored one is used only when all of it matches."""
     return {"checkpoint_sha256": run.ckpt_sha256,
@@ -557,7 +550,8 @@ def calibration_settings(args, run):
                 f"train: mean of all where they lie alike (>= {ALIKE_CORR:g}), else of the {BASELINE_NEIGHBOURS} nearest "
                 f"at 1/{BASELINE_SCALE} size, turned runs too", "sigma": args.sigma, "close": args.close, "score": args.score,
             "topk": args.topk, "mc_passes": args.mc_passes, "seed": args.seed,
-            "lpips_backbone": lpips_weights(args) if "lpips" in run.names else None, "val_turns": val_turns(run.cfg),
+            # the AlexNet weights, by file and hash: a calibration made with other weights is not reused
+            "lpips_backbone": run.perceptual.source if "lpips" in run.names else None, "val_turns": val_turns(run.cfg),
             "val_moves": val_moves(run.cfg), "two_sided": [n for n in run.names if n in TWO_SIDED],
             "copies_scored": "where shown",
             **({"batch_size": args.batch_size} if run.model.batch_dependent_maps else {}),
@@ -1023,15 +1017,16 @@ def load_run(args):
     if not set(names) <= allowed:
         raise DetectError(f"unknown map '{args.map}' for {ckpt['model_name']} "
                           f"(choose from {', '.join(sorted(allowed))})")
+    perceptual = None
     if "lpips" in names:
         losses.require_size(cfg["size"])
-    perceptual = losses.load_lpips(args.lpips_backbone, spatial=True).to(device) if "lpips" in names else None
+        perceptual = losses.load_lpips(args.lpips_backbone, spatial=True).to(device)
 
     def maps_of(images, pictures=False):
         return compute_maps(model, images, names, device, args.batch_size, args.mc_passes, perceptual, args.seed,
                             extra=picture_maps(allowed) if pictures else ())
     return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, ckpt_sha256=sha256, cfg=cfg, root=root,
-                           names=names, maps_of=maps_of, n_val=len(split["val"]), name=ckpt["model_name"],
+                           names=names, perceptual=perceptual, maps_of=maps_of, n_val=len(split["val"]), name=ckpt["model_name"],
                            zoom=cfg.get("zoom_window"))
 
 

@@ -45,8 +45,8 @@ class Perceptual:
     then carries the name "lpips_random", never "lpips".
     """
 
-    def __init__(self, net, random_backbone):
-        self.net, self.random_backbone = net, random_backbone
+    def __init__(self, net, random_backbone, source="torchvision download"):
+        self.net, self.random_backbone, self.source = net, random_backbone, source
         self.name = "lpips_random" if random_backbone else "lpips"
 
     def to(self, device):
@@ -107,13 +107,14 @@ def load_lpips(backbone_path=None, random_backbone=False, spatial=False):
                                        f"{LPIPS_HELP}")
             load_backbone(net, backbone_path)
         random = not backbone_path
+        source = "random" if random else f"{backbone_path} (sha256 {digest[:16]})"
     else:
         try:
             net = lpips.LPIPS(net="alex", spatial=spatial, verbose=False)
         except Exception as e:  # a download failure surfaces as URLError/OSError/RuntimeError
             raise LPIPSUnavailable(f"could not load LPIPS weights ({type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:120]}); {LPIPS_HELP}") from None
-        random = False
+        random, source = False, "torchvision download"
     for p in net.parameters():
         p.requires_grad_(False)
-    return Perceptual(net.eval(), random)
+    return Perceptual(net.eval(), random, source)

@@ -948,10 +948,10 @@ def main(argv=None):
     rows = read_rows_until(metrics, resume["stage_index"], resume["epoch"]) if resume else []
     config = {**vars(args), "lpips_backbone_kind": None if perceptual is None else perceptual.name}
     if rank == 0:
-        if dim_warning(train.images):
-            print(dim_warning(train.images))
-        if unused_stage_options(args):
-            print(f"note: {', '.join(unused_stage_options(args))}: {args.model} has no such stage; ignored")
+        if warning := dim_warning(train.images):
+            print(warning)
+        if unused := unused_stage_options(args):
+            print(f"note: {', '.join(unused)}: {args.model} has no such stage; ignored")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(train)} train / {len(val)} val "
               f"images at {args.size} px, device {device}{' with bf16 autocast' if args.bf16 else ''}, "

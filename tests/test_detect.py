@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import ROOT, unevenly_lit
 import data
 import detect
+import losses
 import models
 
 
@@ -439,6 +440,16 @@ def test_a_models_maps_revision_is_part_of_a_calibrations_settings_once_raised()
     models whose maps never changed keep theirs."""
     assert settings_of(models.VQVAE)["maps_revision"] == models.VQVAE.maps_revision > 0
     assert "maps_revision" not in settings_of(models.DAE)
+
+
+def test_a_calibration_of_the_lpips_map_records_which_weights_made_it():
+    """The same --lpips-backbone path (or $LPIPS_BACKBONE) may hold other weights later."""
+    run = SimpleNamespace(ckpt_path=__file__, ckpt_sha256="0" * 64, root=".", cfg={}, names=["ssim", "lpips"],
+                          model=models.DAE, perceptual=SimpleNamespace(source="alexnet.pth (sha256 7be5be79aa)"))
+    settings = detect.calibration_settings(detect.parse_args(["--class", "x"]), run)
+    assert settings["lpips_backbone"] == "alexnet.pth (sha256 7be5be79aa)"
+    assert settings_of(models.DAE)["lpips_backbone"] is None
+    assert losses.load_lpips(random_backbone=True).source == "random"
 
 
 def test_a_calibration_of_maps_that_depend_on_the_batch_records_the_batch_size():
